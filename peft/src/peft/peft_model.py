@@ -1,0 +1,125 @@
+"""``PeftModel``: a base model plus one adapter; save, load, merge, disable."""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import PeftConfig
+from .mapping import PEFT_TYPE_TO_TUNER
+from .utils.hub import resolve_adapter_dir
+from .utils.save_and_load import (
+    get_peft_model_state_dict,
+    load_adapter_weights,
+    save_adapter_weights,
+    set_peft_model_state_dict,
+)
+
+
+class PeftModel(nn.Module):
+    """Holds the tuner as ``base_model``; the wrapped transformer is ``base_model.model``."""
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfig):
+        super().__init__()
+        if peft_config.base_model_name_or_path is None:
+            peft_config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
+        self.peft_config = peft_config
+        self.base_model = PEFT_TYPE_TO_TUNER[peft_config.peft_type](model, peft_config)
+
+    # ---- the wrapped model's interface ----------------------------------------------
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, **kwargs):
+        # Named arguments (not *args) so transformers.Trainer keeps these dataset columns.
+        return self.get_base_model()(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels, **kwargs
+        )
+
+    def generate(self, *args, **kwargs):
+        return self.get_base_model().generate(*args, **kwargs)
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model.model
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model.model, name)
+
+    # ---- adapter state ----------------------------------------------------------------
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Run the base model alone inside the ``with`` block."""
+        if any(layer.merged for layer in self.base_model.adapter_layers()):
+            raise RuntimeError("disable_adapter() on a merged model: unmerge_adapter() first")
+        self.base_model.set_adapters_enabled(False)
+        try:
+            yield
+        finally:
+            self.base_model.set_adapters_enabled(True)
+
+    def merge_adapter(self) -> None:
+        self.base_model.merge_adapter()
+
+    def unmerge_adapter(self) -> None:
+        self.base_model.unmerge_adapter()
+
+    def merge_and_unload(self) -> nn.Module:
+        """Fold the adapter into the base weights and return the plain base model."""
+        return self.base_model.merge_and_unload()
+
+    def unload(self) -> nn.Module:
+        return self.base_model.unload()
+
+    def get_nb_trainable_parameters(self):
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable} || all params: {total} || trainable%: {100 * trainable / total}")
+
+    # ---- files ------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str, safe_serialization: bool = False, state_dict=None, **_) -> None:
+        """Write ``adapter_config.json`` and ``adapter_model.bin`` (or ``.safetensors``)."""
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_pretrained needs a folder, {save_directory} is a file")
+        os.makedirs(save_directory, exist_ok=True)
+        weights = get_peft_model_state_dict(self, state_dict)
+        save_adapter_weights(weights, save_directory, safe_serialization=safe_serialization)
+        self.peft_config.save_pretrained(save_directory)
+
+    @classmethod
+    def from_pretrained(
+        cls, model: nn.Module, model_id: str, is_trainable: bool = False, subfolder: Optional[str] = None, **_
+    ) -> "PeftModel":
+        """Attach the adapter saved in ``model_id`` (a folder, or a hub repo id) to ``model``.
+
+        Extra keyword arguments of the original API (``torch_dtype``, ``device_map``) are
+        accepted and ignored: adapters load fp32 onto the device of the layers they adapt.
+        """
+        directory = resolve_adapter_dir(model_id, subfolder)
+        config = PeftConfig.from_pretrained(directory)
+        config.inference_mode = not is_trainable
+        peft_model = cls(model, config)
+        weights = load_adapter_weights(directory)
+        set_peft_model_state_dict(peft_model, weights)
+        if not is_trainable:
+            peft_model.eval()
+            for param in peft_model.parameters():
+                param.requires_grad_(False)
+        return peft_model
+
+    def load_adapter_state(self, directory: str) -> None:
+        """Replace this model's adapter tensors with those saved in ``directory`` (strict)."""
+        set_peft_model_state_dict(self, load_adapter_weights(directory))
+
+
+def adapter_state_tensors(model: PeftModel) -> dict:
+    """A detached fp32 copy of the adapter's tensors (for comparisons and checkpoints)."""
+    return {k: v.detach().to(torch.float32).clone() for k, v in get_peft_model_state_dict(model).items()}

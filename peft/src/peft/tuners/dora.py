@@ -1,0 +1,268 @@
+r"""DoRA: Weight-Decomposed Low-Rank Adaptation (Liu et al., ICML 2024).
+
+A frozen linear layer y = W x + b (W is out x in) is re-parameterised as magnitude times
+direction, and only the direction gets a low-rank update:
+
+    V  = W + s B A                  s = lora_alpha / r,  A: r x in,  B: out x r
+    n  = ||V||                      the L2 norm of each row of V (one value per output)
+    g  = m / n                      m: the learned magnitude, one value per output
+    W' = g * V                      (row-wise scaling) the adapted weight
+
+Initialisation: A kaiming-uniform (a = sqrt(5)), B = 0, m = ||W||, so g = 1 and W' = W.
+
+Forward, eval mode or no dropout (one base matmul):
+
+    y = g * (W x + s B A x) + b
+
+Forward in training with dropout p > 0 (paper-exact, what the original code computes; the
+frozen path sees x, the adapted path sees drop(x)):
+
+    y = W x + (g - 1) * (W drop(x)) + g * s * B A drop(x) + b
+
+``g - 1`` is computed as (m - n) / n, which keeps its small value exact when m ~ n.
+
+``dora_simple=True`` (paper sec. 4.3, the default) treats n as a constant in the backward
+pass, saving memory; ``dora_simple=False`` lets the gradient flow through n.
+
+Magnitude-only modules (``Wdecompose_target_modules``) have no A, B: V = W, n = ||W||, and
+y = W x + (g - 1) * (W drop(x)) + b.
+
+The norm never builds V (an out x in temporary). It expands the square instead, in fp32:
+
+    n^2 = ||W||^2 + 2 s rowsum(B * (W A^T)) + s^2 rowsum((B (A A^T)) * B)
+
+with ||W||^2 per row cached (W is frozen) and n^2 clamped away from zero.
+
+Merging writes W <- g V (the eval output is unchanged); unmerging restores W.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, List, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import AdapterConfigError, PeftType
+from .lora import LoraConfig, LoraModel, resolve_target_modules
+from .tuners_utils import AdapterLayer, TargetModulesError, accumulation_dtype, find_targets
+
+# n^2 below this is treated as this (an all-zero row of V has no direction to keep).
+NORM_SQ_EPS = 1e-12
+# Rows of a half-precision W upcast at a time, so fp32 work never copies all of W.
+_FP32_CHUNK_ELEMENTS = 1 << 22
+
+
+@dataclass
+class DoraConfig(LoraConfig):
+    dora_simple: bool = True
+    Wdecompose_target_modules: Optional[Union[List[str], str]] = None
+
+    def __post_init__(self):
+        if self.peft_type is None:
+            self.peft_type = PeftType.DORA
+        super().__post_init__()
+
+    def validate(self) -> None:
+        super().validate()
+        value = self.Wdecompose_target_modules
+        if isinstance(value, tuple):
+            self.Wdecompose_target_modules = list(value)
+        elif value is not None and not isinstance(value, (str, list)):
+            raise AdapterConfigError("DoraConfig: Wdecompose_target_modules must be a list of names or a regex")
+
+
+def rowwise_base_times(weight: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``weight @ right`` accumulated in at least fp32 (weight: out x in; right: in x k).
+
+    A half-precision weight is upcast a block of rows at a time, never all at once.
+    """
+    dtype = accumulation_dtype(weight)
+    if weight.dtype == dtype:
+        return weight @ right.to(dtype)
+    rows = max(1, _FP32_CHUNK_ELEMENTS // weight.shape[1])
+    return torch.cat([block.to(dtype) @ right.to(dtype) for block in weight.split(rows)])
+
+
+def rowwise_sq_norm(weight: torch.Tensor) -> torch.Tensor:
+    """||W||^2 per row in at least fp32, with the same blockwise upcast."""
+    dtype = accumulation_dtype(weight)
+    if weight.dtype == dtype:
+        return weight.pow(2).sum(dim=1)
+    rows = max(1, _FP32_CHUNK_ELEMENTS // weight.shape[1])
+    return torch.cat([block.to(dtype).pow(2).sum(dim=1) for block in weight.split(rows)])
+
+
+def factored_sq_norm(
+    weight_sq_norm: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """||W + s B A||^2 per row, without forming the out x in matrix.
+
+    ``weight_sq_norm`` is ||W||^2 per row; the result has its dtype (fp32 or wider).
+    """
+    dtype = weight_sq_norm.dtype
+    a = lora_A.to(dtype)
+    b = lora_B.to(dtype)
+    w_at = rowwise_base_times(weight, a.t()).to(dtype)  # out x r
+    cross = (b * w_at).sum(dim=1)
+    quad = ((b @ (a @ a.t())) * b).sum(dim=1)
+    return weight_sq_norm + (2.0 * scaling) * cross + (scaling * scaling) * quad
+
+
+class DoraLinear(AdapterLayer):
+    """A frozen ``nn.Linear`` with DoRA's magnitude ``m`` and, when r > 0, a LoRA direction update.
+
+    Parameter names follow the original fork so checkpoints interchange:
+    ``lora_A.weight`` [r, in], ``lora_B.weight`` [out, r], ``weight_m_wdecomp.weight`` [out, 1].
+    ``r = 0`` is the magnitude-only layer.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        dora_simple: bool = True,
+    ):
+        super().__init__(base_layer)
+        self.r = r
+        self.lora_alpha = lora_alpha
+        self.scaling = lora_alpha / r if r > 0 else 0.0
+        self.dora_simple = dora_simple
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        device = base_layer.weight.device
+        # Adapter weights are fp32 whatever the base dtype (as the original).
+        self.weight_m_wdecomp = nn.Linear(1, self.out_features, bias=False, device=device, dtype=torch.float32)
+        if r > 0:
+            self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
+            self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
+        self._weight_sq_norm_cache: Optional[Tuple[tuple, torch.Tensor]] = None
+        self._merge_scale: Optional[torch.Tensor] = None
+        self.reset_dora_parameters()
+
+    # ---- parameters --------------------------------------------------------------------
+    @property
+    def magnitude(self) -> torch.Tensor:
+        """m, one fp32 value per output row."""
+        return self.weight_m_wdecomp.weight.view(-1)
+
+    @torch.no_grad()
+    def reset_dora_parameters(self) -> None:
+        if self.r > 0:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B.weight)
+        self.weight_m_wdecomp.weight.copy_(self.weight_sq_norm().sqrt().unsqueeze(1))
+
+    # ---- the norm ----------------------------------------------------------------------
+    def weight_sq_norm(self) -> torch.Tensor:
+        """||W||^2 per row (fp32), computed once and reused while W is unchanged."""
+        weight = self.base_layer.weight
+        key = (weight.data_ptr(), weight._version, weight.device, weight.dtype)
+        cache = self._weight_sq_norm_cache
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                cache = (key, rowwise_sq_norm(weight.detach()))
+            self._weight_sq_norm_cache = cache
+        return cache[1]
+
+    def direction_norm(self) -> torch.Tensor:
+        """n = ||W + s B A|| per row, fp32; a constant for autograd when dora_simple."""
+        if self.r == 0:
+            return self.weight_sq_norm().sqrt()
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.dora_simple):
+            sq = factored_sq_norm(
+                self.weight_sq_norm(), self.base_layer.weight.detach(), self.lora_A.weight, self.lora_B.weight, self.scaling
+            )
+            return sq.clamp_min(NORM_SQ_EPS).sqrt()
+
+    # ---- forward -----------------------------------------------------------------------
+    def lora_branch(self, x: torch.Tensor) -> torch.Tensor:
+        """s * B A x, computed in x's dtype (the small weights are cast, not x)."""
+        a = self.lora_A.weight.to(x.dtype)
+        b = self.lora_B.weight.to(x.dtype)
+        return F.linear(F.linear(x, a), b) * self.scaling
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.base_layer.weight, self.base_layer.bias
+        m = self.magnitude
+        n = self.direction_norm()
+        g = m / n
+        dropout_active = self.training and not isinstance(self.lora_dropout, nn.Identity)
+
+        if not dropout_active:  # y = g * (W x + s B A x) + b
+            h = F.linear(x, weight)
+            if self.r > 0:
+                h = h + self.lora_branch(x)
+            y = g.to(h.dtype) * h
+        else:  # y = W x + (g - 1) * (W drop(x)) + g * s B A drop(x) + b
+            x_drop = self.lora_dropout(x)
+            g_minus_1 = (m - n) / n
+            y = F.linear(x, weight) + g_minus_1.to(x.dtype) * F.linear(x_drop, weight)
+            if self.r > 0:
+                y = y + g.to(x.dtype) * self.lora_branch(x_drop)
+        if bias is not None:
+            y = y + bias
+        return y
+
+    def lora_delta(self) -> torch.Tensor:
+        """s * B A (out x in). Only merge/unmerge build it; the forward never does."""
+        dtype = accumulation_dtype(self.lora_A.weight)
+        return (self.lora_B.weight.to(dtype) @ self.lora_A.weight.to(dtype)) * self.scaling
+
+    # ---- merge -------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W <- g * (W + s B A)."""
+        self._check_can_merge()
+        weight = self.base_layer.weight
+        g = self.magnitude / self.direction_norm()
+        v = weight.to(g.dtype)
+        if self.r > 0:
+            v = v + self.lora_delta().to(g.dtype)
+        weight.copy_((g.unsqueeze(1) * v).to(weight.dtype))
+        self._merge_scale = g
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """W <- W / g - s B A, with the g used by merge."""
+        self._check_can_unmerge()
+        weight = self.base_layer.weight
+        g = self._merge_scale
+        w = weight.to(g.dtype) / g.unsqueeze(1)
+        if self.r > 0:
+            w = w - self.lora_delta().to(g.dtype)
+        weight.copy_(w.to(weight.dtype))
+        self._merge_scale = None
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, lora_alpha={self.lora_alpha}, dora_simple={self.dora_simple}"
+
+
+class DoraModel(LoraModel):
+    """Adapts ``target_modules`` with full DoRA and ``Wdecompose_target_modules`` with magnitude only."""
+
+    def _planned_layers(self) -> Iterable[Tuple[str, nn.Linear, dict]]:
+        config = self.peft_config
+        magnitude_only = find_targets(self.model, config.Wdecompose_target_modules, "Wdecompose_target_modules")
+        if config.target_modules or not magnitude_only:
+            full = find_targets(self.model, resolve_target_modules(self.model, config), "target_modules")
+        else:
+            full = []
+        both = sorted({n for n, _ in full} & {n for n, _ in magnitude_only})
+        if both:
+            raise TargetModulesError(
+                f"module {both[0]} is in both target_modules and Wdecompose_target_modules; pick one"
+            )
+        for name, module in full:
+            yield name, module, {"r": config.r}
+        for name, module in magnitude_only:
+            yield name, module, {"r": 0}
+
+    def _new_layer(self, base: nn.Linear, r: int = 0, **kwargs) -> AdapterLayer:
+        c = self.peft_config
+        return DoraLinear(base, r=r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout, dora_simple=c.dora_simple)
