@@ -1,0 +1,1 @@
+"""Commonsense-reasoning reproduction of DoRA: tasks, prompts, data, models and evaluation."""
