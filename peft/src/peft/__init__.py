@@ -7,7 +7,7 @@ __version__ = "0.3.0.dora"
 
 from .config import AdapterConfigError, PeftConfig, PeftType, TaskType
 from .mapping import get_peft_model
-from .peft_model import PeftModel
+from .peft_model import PeftMixedModel, PeftModel
 from .tuners.dora import DoraConfig, DoraLinear, DoraModel
 from .tuners.lora import LoraConfig, LoraLinear, LoraModel
 from .tuners.tuners_utils import TargetModulesError
@@ -24,6 +24,7 @@ __all__ = [
     "LoraLinear",
     "LoraModel",
     "PeftConfig",
+    "PeftMixedModel",
     "PeftModel",
     "PeftType",
     "TargetModulesError",

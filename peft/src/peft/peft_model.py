@@ -123,3 +123,15 @@ class PeftModel(nn.Module):
 def adapter_state_tensors(model: PeftModel) -> dict:
     """A detached fp32 copy of the adapter's tensors (for comparisons and checkpoints)."""
     return {k: v.detach().to(torch.float32).clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+class PeftMixedModel(nn.Module):
+    """Not supported by this fork; the name exists because transformers imports it.
+
+    transformers finds any importable ``peft`` (this fork, first on sys.path) and imports
+    ``PeftModel`` and ``PeftMixedModel`` from it; then ``Trainer`` treats our ``PeftModel``
+    as a PEFT model (``get_base_model()``, ``base_model.model``), which this fork provides.
+    """
+
+    def __init__(self, *args, **kwargs):
+        raise NotImplementedError("mixing adapter types is not supported by this fork")

@@ -1,0 +1,205 @@
+"""Collect per-task evaluation summaries into a results table, a CSV and a bar chart.
+
+Reads every ``*.summary.json`` that :mod:`commonsense.evaluation` wrote in the
+experiment folder, groups them into runs (model, adapter, mode) and writes
+
+* ``results.md``: Model | Adapter | Mode | n | BoolQ ... OBQA | Average, accuracies
+  in percent with one decimal, "–" for a task not evaluated, the Average taken
+  over the tasks present and marked with "*" when some are missing; n is the
+  number of examples evaluated over all present tasks;
+* ``results.csv``: the same numbers at full precision (empty cell = missing);
+* ``results.png``: grouped bars, one group per task (plus Average), one bar per run.
+
+All three are written atomically. CLI (from the repository root):
+
+    python -m commonsense.report [--experiment_dir experiment] [--out_dir experiment]
+"""
+import argparse
+import csv
+import io
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from commonsense.io import atomic_write_bytes, atomic_write_text
+from commonsense.tasks import TASKS
+
+MISSING = "–"  # en dash, as in the paper's tables
+INCOMPLETE_MARK = "*"
+SUMMARY_SUFFIX = ".summary.json"
+REQUIRED_FIELDS = ("model", "adapter", "dataset", "accuracy", "n")
+
+
+class ReportError(ValueError):
+    """Nothing to report, or an unusable folder; one-line message."""
+
+
+@dataclass
+class Run:
+    """All task summaries of one (model, adapter, mode) combination."""
+
+    model: str
+    adapter: str
+    mode: str
+    by_task: dict = field(default_factory=dict)  # task name -> summary dict
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} {self.adapter}" + ("" if self.mode == "generate" else f" ({self.mode})")
+
+    def accuracy(self, task_name: str):
+        summary = self.by_task.get(task_name)
+        return None if summary is None else float(summary["accuracy"])
+
+    @property
+    def n(self) -> int:
+        return sum(int(s["n"]) for s in self.by_task.values())
+
+    @property
+    def complete(self) -> bool:
+        return all(name in self.by_task for name in TASKS)
+
+    @property
+    def average(self):
+        present = [self.accuracy(name) for name in TASKS if name in self.by_task]
+        return sum(present) / len(present) if present else None
+
+
+# --------------------------------------------------------------------------- collecting
+
+def load_summaries(experiment_dir) -> list:
+    """Valid summary dicts in `experiment_dir`; unreadable or foreign files are skipped with a warning."""
+    folder = Path(experiment_dir)
+    if not folder.is_dir():
+        raise ReportError(f"experiment folder not found: {folder}")
+    summaries = []
+    for path in sorted(folder.glob(f"*{SUMMARY_SUFFIX}")):
+        try:
+            summary = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            print(f"warning: skipping {path}: {err}", file=sys.stderr)
+            continue
+        if not isinstance(summary, dict) or any(k not in summary for k in REQUIRED_FIELDS):
+            print(f"warning: skipping {path}: not an evaluation summary", file=sys.stderr)
+            continue
+        if summary["dataset"] not in TASKS:
+            print(f"warning: skipping {path}: unknown dataset {summary['dataset']!r}", file=sys.stderr)
+            continue
+        summaries.append(summary)
+    return summaries
+
+
+def collect_runs(summaries) -> list:
+    """Group summaries into runs, in order of first appearance; a later-finished duplicate wins."""
+    runs = {}
+    for summary in summaries:
+        key = (str(summary["model"]), str(summary["adapter"]), str(summary.get("mode", "generate")))
+        run = runs.setdefault(key, Run(*key))
+        previous = run.by_task.get(summary["dataset"])
+        # ISO timestamps compare correctly as strings.
+        if previous is None or str(summary.get("finished_at", "")) >= str(previous.get("finished_at", "")):
+            run.by_task[summary["dataset"]] = summary
+    return list(runs.values())
+
+
+# --------------------------------------------------------------------------- rendering
+
+def _percent(value) -> str:
+    return MISSING if value is None else f"{100 * value:.1f}"
+
+
+def markdown_table(runs) -> str:
+    """The results table (with a footnote if any average is over a subset of tasks)."""
+    headers = ["Model", "Adapter", "Mode", "n"] + [t.display_name for t in TASKS.values()] + ["Average"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(headers) - 3)) + "|"]
+    for run in runs:
+        average = _percent(run.average) + ("" if run.complete else INCOMPLETE_MARK)
+        cells = [run.model, run.adapter, run.mode, str(run.n)]
+        cells += [_percent(run.accuracy(name)) for name in TASKS] + [average]
+        lines.append("| " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    if not all(run.complete for run in runs):
+        # Escaped: a line starting with "* " would render as a bullet.
+        text += f"\n\\{INCOMPLETE_MARK} average over the evaluated tasks only ({MISSING} = not evaluated).\n"
+    return text
+
+
+def csv_text(runs) -> str:
+    """One row per run: accuracies in percent at full precision; an empty cell is a missing task."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["model", "adapter", "mode", "n"] + [t.display_name for t in TASKS.values()]
+                    + ["average", "tasks", "complete"])
+    for run in runs:
+        accuracies = [run.accuracy(name) for name in TASKS]
+        writer.writerow([run.model, run.adapter, run.mode, run.n]
+                        + ["" if a is None else round(100 * a, 4) for a in accuracies]
+                        + [round(100 * run.average, 4), len(run.by_task), run.complete])
+    return buffer.getvalue()
+
+
+def chart_png(runs) -> bytes:
+    """Grouped bar chart (PNG bytes): task groups on x, one bar per run, accuracy in percent."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers
+    import matplotlib.pyplot as plt
+
+    groups = [t.display_name for t in TASKS.values()] + ["Average"]
+    width = 0.8 / len(runs)
+    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(groups) * max(1, len(runs) / 2)), 4.5))
+    for k, run in enumerate(runs):
+        values = [run.accuracy(name) for name in TASKS] + [run.average]
+        xs = [g + (k - (len(runs) - 1) / 2) * width for g in range(len(groups))]
+        # Missing tasks get no bar (NaN) rather than a misleading zero.
+        heights = [float("nan") if v is None else 100 * v for v in values]
+        label = run.label + ("" if run.complete else f" ({INCOMPLETE_MARK}partial)")
+        ax.bar(xs, heights, width=width, label=label)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("Commonsense reasoning accuracy")
+    ax.legend(fontsize="small")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def build_report(experiment_dir="experiment", out_dir=None) -> dict:
+    """Rebuild results.md/.csv/.png in `out_dir` (default: `experiment_dir`); return their paths."""
+    runs = collect_runs(load_summaries(experiment_dir))
+    if not runs:
+        raise ReportError(f"no evaluation summaries (*{SUMMARY_SUFFIX}) in {experiment_dir}")
+    out = Path(out_dir if out_dir is not None else experiment_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"markdown": out / "results.md", "csv": out / "results.csv", "png": out / "results.png"}
+    png = chart_png(runs)  # render everything before writing anything
+    atomic_write_text(paths["markdown"], markdown_table(runs))
+    atomic_write_text(paths["csv"], csv_text(runs))
+    atomic_write_bytes(paths["png"], png)
+    return paths
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m commonsense.report", description=__doc__.splitlines()[0])
+    parser.add_argument("--experiment_dir", default="experiment")
+    parser.add_argument("--out_dir", default=None, help="default: the experiment folder")
+    args = parser.parse_args(argv)
+    try:
+        paths = build_report(args.experiment_dir, args.out_dir)
+    except (ReportError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(paths["markdown"].read_text(encoding="utf-8"), end="")
+    for path in paths.values():
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Evaluate a (LoRA/DoRA-tuned) causal LM on the commonsense test sets.
+
+Same flags and output files as NVlabs/DoRA commonsense_evaluate.py, e.g.
+
+    python commonsense_evaluate.py --model LLaMA-7B --adapter DoRA --dataset boolq \
+        --base_model yahma/llama-7b-hf --lora_weights finetuned_result/dora_r32 --batch_size 1
+
+writes experiment/LLaMA-7B-DoRA-boolq.json (per-example predictions) and
+experiment/LLaMA-7B-DoRA-boolq.summary.json. Additions: --dataset takes a comma
+list or "all" (the model is loaded once), --adapter none evaluates the base
+model, --limit N evaluates the first N rows, and an interrupted run resumes.
+
+Bad input prints one "error: ..." line to stderr and exits with status 2
+(status 1 for unexpected failures); --debug shows the traceback instead.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent
+# The vendored PEFT fork must shadow any pip-installed peft.
+sys.path.insert(0, str(REPO_ROOT / "peft" / "src"))
+sys.path.insert(1, str(REPO_ROOT))
+
+
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """argparse errors as one "error: " line and exit status 2 (no usage dump)."""
+
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def parse_args(argv=None):
+    from commonsense.evaluation import MODEL_NAMES
+
+    parser = _OneLineErrorParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", required=True,
+                        help="task name (boolq, piqa, social_i_qa, hellaswag, winogrande, ARC-Challenge, "
+                             "ARC-Easy, openbookqa), a comma list, or 'all'")
+    parser.add_argument("--model", required=True, choices=MODEL_NAMES, help="name used in output file names")
+    parser.add_argument("--adapter", required=True, help="LoRA, DoRA or none (case-insensitive)")
+    parser.add_argument("--base_model", required=True, help="hub id, local model folder or smollm2-135m")
+    parser.add_argument("--lora_weights", default=None, help="adapter folder (required unless --adapter none)")
+    parser.add_argument("--batch_size", type=_positive_int, default=1)
+    parser.add_argument("--load_8bit", action="store_true", default=False)
+    parser.add_argument("--limit", type=_positive_int, default=None, help="evaluate only the first N rows")
+    parser.add_argument("--output_dir", default="experiment")
+    parser.add_argument("--dataset_dir", default=str(REPO_ROOT / "dataset"))
+    parser.add_argument("--no_eos_stop", action="store_true",
+                        help="always generate 32 tokens, as transformers 4.36 did in the original")
+    parser.add_argument("--verbose", action="store_true", help="print every example, as the original")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser.parse_args(argv)
+
+
+def validate_inputs(args):
+    """Check everything possible before loading a model; return (adapter, task names)."""
+    from commonsense.data import load_rows
+    from commonsense.evaluation import EvaluationError, check_adapter_args, resolve_task_names, dataset_file
+
+    tasks = resolve_task_names(args.dataset)
+    adapter = check_adapter_args(args.adapter, args.lora_weights)
+    for name in tasks:  # fail on a bad test file before spending minutes loading the model
+        load_rows(dataset_file(args.dataset_dir, name), task=name)
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise EvaluationError(f"--output_dir {output_dir} exists and is not a folder")
+    return adapter, tasks
+
+
+def print_table(summaries):
+    print(f"{'task':<12} {'n':>6} {'correct':>8} {'accuracy':>9}")
+    for s in summaries:
+        print(f"{s['task']:<12} {s['n']:>6} {s['correct']:>8} {100 * s['accuracy']:>8.1f}%")
+    mean = sum(s["accuracy"] for s in summaries) / len(summaries)
+    print(f"{'average':<12} {'':>6} {'':>8} {100 * mean:>8.1f}%")
+
+
+def run(args):
+    from commonsense.evaluation import GenerationSettings, RunInfo, evaluate_tasks, load_model_for_eval
+
+    adapter, tasks = validate_inputs(args)
+    model, tokenizer = load_model_for_eval(
+        args.base_model, lora_weights=args.lora_weights, adapter=adapter, load_8bit=args.load_8bit
+    )
+    run_info = RunInfo(model_name=args.model, adapter=adapter, base_model=args.base_model,
+                       lora_weights=args.lora_weights)
+    summaries = evaluate_tasks(
+        model, tokenizer, tasks, run=run_info, dataset_dir=args.dataset_dir, output_dir=args.output_dir,
+        batch_size=args.batch_size, limit=args.limit,
+        settings=GenerationSettings(stop_at_eos=not args.no_eos_stop), verbose=args.verbose,
+    )
+    print("test finished")
+    if len(summaries) > 1:
+        print_table(summaries)
+    return 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.debug:
+        return run(args)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("error: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except ValueError as err:  # DataError, ModelLoadError, EvaluationError, peft's adapter errors
+        print(f"error: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}",
+              file=sys.stderr)
+        return 2
+    except Exception as err:  # noqa: BLE001 - one line for the user, --debug for the traceback
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        print(f"error: {type(err).__name__}: {detail} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,315 @@
+"""Generation-based evaluation on a tiny random LLaMA: batching, resume, output format, CLI errors."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from commonsense import evaluation
+from commonsense.evaluation import (
+    GenerationSettings,
+    RunInfo,
+    evaluate_task,
+    evaluate_tasks,
+    generate_responses,
+    load_model_for_eval,
+    partial_path,
+    resolve_task_names,
+    result_path,
+    summary_path,
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ORIGINAL_FIELDS = {"instruction", "input", "output", "answer", "output_pred", "pred", "flag"}
+
+INSTRUCTIONS = [
+    "Please answer the following question with true or false, question: is the sky blue?",
+    "Q?",
+    "Please choose the correct ending to complete the given sentence: The cat sat on the mat and then",
+    "Which option is right? option1: left option2: right",
+    "Say something.",
+    "Please choose the correct answer to the question: What do plants need? Answer1: water Answer2: rock",
+]
+
+
+# --------------------------------------------------------------------------- fixtures
+
+def build_tiny_llama(folder: Path, seed: int = 0) -> Path:
+    """A byte-level tokenizer (exact decode round trip) and a 2-layer random LLaMA.
+
+    Ids 0/1/2 are <unk>/<s>/</s> as in LLaMA-1/2, so configure_padding pads with 0.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>"]
+    vocab = {token: i for i, token in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
+                                        eos_token="</s>")
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    return load_model_for_eval(str(tiny_dir), adapter="none")
+
+
+def boolq_rows(n=6):
+    return [{"instruction": INSTRUCTIONS[i % len(INSTRUCTIONS)] + f" #{i}", "input": "",
+             "output": "the correct answer is true", "answer": ["true", "false"][i % 2]} for i in range(n)]
+
+
+def write_dataset(dataset_dir: Path, task: str, rows) -> None:
+    (dataset_dir / task).mkdir(parents=True, exist_ok=True)
+    (dataset_dir / task / "test.json").write_text(json.dumps(rows), encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- generation
+
+def test_model_is_ready_for_batched_generation(tiny):
+    model, tokenizer = tiny
+    assert tokenizer.padding_side == "left"
+    assert tokenizer.pad_token_id == 0 and model.generation_config.pad_token_id == 0
+    assert not model.training
+
+
+def test_batched_generation_matches_batch_of_one(tiny):
+    model, tokenizer = tiny
+    prompts = INSTRUCTIONS[:4]  # very different lengths -> heavy left padding
+    batched = generate_responses(model, tokenizer, prompts)
+    one_by_one = [generate_responses(model, tokenizer, [p])[0] for p in prompts]
+    assert batched == one_by_one
+    assert any(batched)  # the random model does produce text
+
+
+def test_no_eos_stop_generates_full_length(tiny):
+    model, tokenizer = tiny
+    settings = GenerationSettings(stop_at_eos=False, max_new_tokens=5)
+    encoded = tokenizer([evaluation.evaluation_prompt(INSTRUCTIONS[1])], return_tensors="pt")
+    config = evaluation.build_generation_config(model, tokenizer, settings)
+    with torch.no_grad():
+        out = model.generate(**encoded, generation_config=config)
+    assert out.shape[1] == encoded["input_ids"].shape[1] + 5
+    assert config.do_sample is False and config.num_beams == 4
+
+
+# --------------------------------------------------------------------------- output format
+
+def test_evaluate_task_writes_original_json_and_summary(tiny, tmp_path):
+    model, tokenizer = tiny
+    rows = boolq_rows(5)
+    out = result_path(tmp_path / "experiment", RunInfo("LLaMA-7B", "DoRA"), "boolq")
+    assert out.name == "LLaMA-7B-DoRA-boolq.json"
+    summary = evaluate_task(model, tokenizer, "boolq", rows, 2, out, progress=False,
+                            run=RunInfo("LLaMA-7B", "DoRA", base_model="base", lora_weights="w"))
+    text = out.read_text()
+    results = json.loads(text)
+    assert text == json.dumps(results, indent=4)  # the original's layout
+    assert [set(r) for r in results] == [ORIGINAL_FIELDS] * 5
+    assert [r["instruction"] for r in results] == [r["instruction"] for r in rows]
+    assert all(r["flag"] == (r["pred"] == r["answer"]) for r in results)
+    on_disk = json.loads(summary_path(out).read_text())
+    assert on_disk == summary
+    assert summary["n"] == 5 and summary["mode"] == "generate" and summary["batch_size"] == 2
+    assert summary["correct"] == sum(r["flag"] for r in results)
+    assert summary["accuracy"] == summary["correct"] / 5
+    assert summary["limit"] is None and summary["base_model"] == "base" and summary["lora_weights"] == "w"
+    assert summary["elapsed_s"] >= 0
+    assert not partial_path(out).exists()
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name, summary_path(out).name]
+
+
+def test_flag_follows_extracted_answer(monkeypatch, tmp_path):
+    canned = {
+        "#0": "the correct answer is true",  # answer true -> correct
+        "#1": "the correct answer is true",  # answer false -> wrong
+        "#2": "True",  # case-sensitive, as the original: no prediction
+        "#3": "false, not true",  # first match wins
+    }
+    monkeypatch.setattr(evaluation, "generate_responses",
+                        lambda model, tok, instructions, settings=None:
+                        [canned[i.rsplit(" ", 1)[1]] for i in instructions])
+    out = tmp_path / "x.json"
+    summary = evaluate_task(None, None, "boolq", boolq_rows(4), 3, out, progress=False)
+    results = json.loads(out.read_text())
+    assert [r["pred"] for r in results] == ["true", "true", "", "false"]
+    assert [r["flag"] for r in results] == [True, False, False, True]
+    assert summary["correct"] == 2 and summary["accuracy"] == 0.5
+
+
+def test_limit_keeps_first_rows(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(evaluation, "generate_responses", lambda m, t, ins, s=None: ["true"] * len(ins))
+    summary = evaluate_task(None, None, "boolq", boolq_rows(6), 2, tmp_path / "x.json", limit=3, progress=False)
+    assert summary["n"] == 3 and summary["limit"] == 3
+    assert len(json.loads((tmp_path / "x.json").read_text())) == 3
+    assert "test:2/2 | accuracy 2  0.6666666666666666" in capsys.readouterr().out  # the original's line
+
+
+def test_bad_batch_size_or_limit(tmp_path):
+    with pytest.raises(evaluation.EvaluationError):
+        evaluate_task(None, None, "boolq", boolq_rows(2), 0, tmp_path / "x.json")
+    with pytest.raises(evaluation.EvaluationError):
+        evaluate_task(None, None, "boolq", boolq_rows(2), 1, tmp_path / "x.json", limit=0)
+    assert not list(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------- resume
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_resume_after_crash_matches_uninterrupted_run(tiny, tmp_path, monkeypatch):
+    model, tokenizer = tiny
+    rows = boolq_rows(6)
+    reference = tmp_path / "ref" / "LLaMA-7B-DoRA-boolq.json"
+    evaluate_task(model, tokenizer, "boolq", rows, 2, reference, progress=False)
+
+    real_generate = evaluation.generate_responses
+    calls = []
+
+    def crash_on_third_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise Crash("injected")
+        return real_generate(*args, **kwargs)
+
+    out = tmp_path / "run" / "LLaMA-7B-DoRA-boolq.json"
+    monkeypatch.setattr(evaluation, "generate_responses", crash_on_third_batch)
+    with pytest.raises(Crash):
+        evaluate_task(model, tokenizer, "boolq", rows, 2, out, progress=False)
+    assert not out.exists() and not summary_path(out).exists()
+    logged = [json.loads(line) for line in partial_path(out).read_text().splitlines()]
+    assert [r["index"] for r in logged[1:]] == [0, 1, 2, 3]
+
+    # A torn last line (crash mid-write) must be ignored, not break the resume.
+    with open(partial_path(out), "a") as f:
+        f.write('{"index": 4, "resu')
+
+    calls.clear()
+    monkeypatch.setattr(evaluation, "generate_responses", lambda *a, **k: calls.append(1) or real_generate(*a, **k))
+    summary = evaluate_task(model, tokenizer, "boolq", rows, 2, out, progress=False)
+    assert len(calls) == 1  # only the unfinished batch ran
+    assert out.read_text() == reference.read_text()
+    assert summary["resumed_examples"] == 4 and summary["n"] == 6
+    assert not partial_path(out).exists()
+
+
+def test_partial_log_from_another_run_is_not_reused(monkeypatch, tmp_path):
+    monkeypatch.setattr(evaluation, "generate_responses", lambda m, t, ins, s=None: ["false"] * len(ins))
+    out = tmp_path / "x.json"
+    stale = {"index": 0, "result": {**boolq_rows(1)[0], "output_pred": "true", "pred": "true", "flag": True}}
+    partial_path(out).write_text(json.dumps({"header": {"task": "boolq", "base_model": "other"}}) + "\n"
+                                 + json.dumps(stale) + "\n")
+    summary = evaluate_task(None, None, "boolq", boolq_rows(2), 1, out, progress=False)
+    assert summary["resumed_examples"] == 0
+    assert [r["pred"] for r in json.loads(out.read_text())] == ["false", "false"]
+
+
+# --------------------------------------------------------------------------- several tasks, adapters
+
+def test_evaluate_tasks_one_model_several_files(monkeypatch, tmp_path):
+    monkeypatch.setattr(evaluation, "generate_responses", lambda m, t, ins, s=None: ["solution1"] * len(ins))
+    data = tmp_path / "dataset"
+    write_dataset(data, "boolq", boolq_rows(3))
+    write_dataset(data, "piqa", [{"instruction": "pick", "input": "", "output": "", "answer": "solution1"}] * 2)
+    summaries = evaluate_tasks(None, None, ["piqa", "boolq"], run=RunInfo("SmolLM2-135M", "none"),
+                               dataset_dir=data, output_dir=tmp_path / "exp", batch_size=4, progress=False)
+    assert [s["dataset"] for s in summaries] == ["piqa", "boolq"]
+    assert [s["accuracy"] for s in summaries] == [1.0, 0.0]
+    assert (tmp_path / "exp" / "SmolLM2-135M-none-piqa.json").exists()
+    assert (tmp_path / "exp" / "SmolLM2-135M-none-boolq.summary.json").exists()
+
+
+def test_resolve_task_names():
+    assert resolve_task_names("all") == list(evaluation.TASK_NAMES)
+    assert resolve_task_names("boolq, arc-easy,boolq") == ["boolq", "ARC-Easy"]
+    with pytest.raises(evaluation.EvaluationError, match="unknown dataset 'nope'"):
+        resolve_task_names("boolq,nope")
+
+
+def test_dora_adapter_is_loaded_and_merged(tiny_dir, tmp_path):
+    from peft import DoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    config = DoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    peft_model = get_peft_model(base, config)
+    torch.manual_seed(1)
+    with torch.no_grad():  # lora_B starts at zero; make the adapter actually change the output
+        for name, param in peft_model.named_parameters():
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn_like(param))
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    peft_model.eval()
+    ids = torch.tensor([[1, 50, 60, 70, 80]])
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(tiny_dir)(input_ids=ids).logits
+
+    merged, _ = load_model_for_eval(str(tiny_dir), lora_weights=str(tmp_path / "adapter"), adapter="dora")
+    assert not isinstance(merged, PeftModel)
+    with torch.no_grad():
+        got = merged(input_ids=ids).logits
+    assert not torch.allclose(expected, plain, atol=1e-4)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- CLI
+
+def run_cli(*args, cwd=REPO_ROOT):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    return subprocess.run([sys.executable, str(REPO_ROOT / "commonsense_evaluate.py"), *map(str, args)],
+                          cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.mark.parametrize("case", ["unknown_dataset", "missing_adapter_folder", "adapter_without_weights",
+                                  "none_with_weights", "bad_adapter", "bad_batch_size", "bad_model_name"])
+def test_cli_bad_input_one_error_line_no_output(case, tmp_path, tiny_dir):
+    out = tmp_path / "out"
+    common = ["--base_model", tiny_dir, "--output_dir", out, "--model", "LLaMA-7B"]
+    args = {
+        "unknown_dataset": ["--dataset", "boolq,nope", "--adapter", "none"],
+        "missing_adapter_folder": ["--dataset", "boolq", "--adapter", "DoRA", "--lora_weights", tmp_path / "no"],
+        "adapter_without_weights": ["--dataset", "boolq", "--adapter", "LoRA"],
+        "none_with_weights": ["--dataset", "boolq", "--adapter", "none", "--lora_weights", tmp_path],
+        "bad_adapter": ["--dataset", "boolq", "--adapter", "AdapterH"],
+        "bad_batch_size": ["--dataset", "boolq", "--adapter", "none", "--batch_size", "0"],
+        "bad_model_name": ["--dataset", "boolq", "--adapter", "none", "--model", "GPT-2"],
+    }[case]
+    result = run_cli(*common, *args)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not out.exists()
+
+
+def test_cli_evaluates_several_tasks(tiny_dir, tmp_path):
+    out = tmp_path / "out"
+    result = run_cli("--model", "SmolLM2-135M", "--adapter", "NONE", "--dataset", "boolq,piqa",
+                     "--base_model", tiny_dir, "--limit", "2", "--batch_size", "2", "--output_dir", out)
+    assert result.returncode == 0, result.stderr
+    for task in ("boolq", "piqa"):
+        results = json.loads((out / f"SmolLM2-135M-none-{task}.json").read_text())
+        assert len(results) == 2 and set(results[0]) >= ORIGINAL_FIELDS
+        assert json.loads((out / f"SmolLM2-135M-none-{task}.summary.json").read_text())["limit"] == 2
+    assert "test finished" in result.stdout and "average" in result.stdout

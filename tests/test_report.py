@@ -1,0 +1,106 @@
+"""Results table, CSV and chart built from synthetic evaluation summaries."""
+import csv
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from commonsense.report import ReportError, build_report, collect_runs, load_summaries, markdown_table
+from commonsense.tasks import TASKS
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+FULL_RUN = {"boolq": 0.70, "piqa": 0.80, "social_i_qa": 0.75, "hellaswag": 0.85,
+            "winogrande": 0.65, "ARC-Easy": 0.80, "ARC-Challenge": 0.60, "openbookqa": 0.77}
+PARTIAL_RUN = {"boolq": 0.5, "piqa": 0.25}
+
+
+def write_summary(folder: Path, model, adapter, dataset, accuracy, n=100, finished_at="2024-01-01T00:00:00+00:00"):
+    summary = {"model": model, "adapter": adapter, "dataset": dataset, "task": TASKS[dataset].display_name,
+               "mode": "generate", "accuracy": accuracy, "correct": round(accuracy * n), "n": n, "limit": None,
+               "batch_size": 1, "base_model": "b", "lora_weights": "w", "elapsed_s": 1.0, "finished_at": finished_at}
+    (folder / f"{model}-{adapter}-{dataset}.summary.json").write_text(json.dumps(summary, indent=4))
+
+
+@pytest.fixture
+def experiment(tmp_path):
+    folder = tmp_path / "experiment"
+    folder.mkdir()
+    for dataset, acc in FULL_RUN.items():
+        write_summary(folder, "LLaMA-7B", "DoRA", dataset, acc)
+    for dataset, acc in PARTIAL_RUN.items():
+        write_summary(folder, "SmolLM2-135M", "none", dataset, acc, n=10)
+    (folder / "LLaMA-7B-DoRA-boolq.json").write_text("[]")  # a results file, not a summary
+    (folder / "junk.summary.json").write_text("{not json")
+    return folder
+
+
+def table_rows(markdown: str) -> dict:
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+    return header, {(r["Model"], r["Adapter"]): r for r in rows}
+
+
+def test_markdown_table_values_missing_and_average(experiment):
+    paths = build_report(experiment)
+    header, rows = table_rows(paths["markdown"].read_text())
+    assert header == ["Model", "Adapter", "Mode", "n", "BoolQ", "PIQA", "SIQA", "HellaSwag", "WinoGrande",
+                      "ARC-e", "ARC-c", "OBQA", "Average"]
+    full = rows[("LLaMA-7B", "DoRA")]
+    assert (full["BoolQ"], full["ARC-c"], full["OBQA"], full["Mode"], full["n"]) == ("70.0", "60.0", "77.0",
+                                                                                      "generate", "800")
+    assert full["Average"] == f"{100 * sum(FULL_RUN.values()) / 8:.1f}" == "74.0"  # complete: no mark
+    partial = rows[("SmolLM2-135M", "none")]
+    assert partial["BoolQ"] == "50.0" and partial["PIQA"] == "25.0" and partial["HellaSwag"] == "–"
+    assert partial["Average"] == "37.5*" and partial["n"] == "20"  # over present tasks only, marked
+    assert "average over the evaluated tasks only" in paths["markdown"].read_text()
+
+
+def test_csv_and_png(experiment):
+    paths = build_report(experiment, experiment.parent / "report")
+    assert all(p.parent == experiment.parent / "report" for p in paths.values())
+    rows = list(csv.DictReader(io.StringIO(paths["csv"].read_text())))
+    assert [(r["model"], r["adapter"]) for r in rows] == [("LLaMA-7B", "DoRA"), ("SmolLM2-135M", "none")]
+    assert float(rows[0]["ARC-e"]) == 80.0 and rows[0]["complete"] == "True"
+    assert rows[1]["SIQA"] == "" and float(rows[1]["average"]) == 37.5 and rows[1]["tasks"] == "2"
+    png = paths["png"].read_bytes()
+    assert len(png) > 1000 and png.startswith(b"\x89PNG\r\n\x1a\n")
+    assert not [p for p in paths["png"].parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_latest_duplicate_wins_and_junk_is_skipped(experiment, capsys):
+    # Same run and task under another file name (e.g. copied from another machine), finished later.
+    summary = json.loads((experiment / "LLaMA-7B-DoRA-boolq.summary.json").read_text())
+    summary.update(accuracy=0.9, finished_at="2025-01-01T00:00:00+00:00")
+    (experiment / "copy.summary.json").write_text(json.dumps(summary))
+    runs = collect_runs(load_summaries(experiment))
+    assert "junk.summary.json" in capsys.readouterr().err
+    assert len(runs) == 2 and runs[0].accuracy("boolq") == 0.9
+
+
+def test_table_without_missing_tasks_has_no_footnote(tmp_path):
+    for dataset, acc in FULL_RUN.items():
+        write_summary(tmp_path, "LLaMA-7B", "LoRA", dataset, acc)
+    assert "*" not in markdown_table(collect_runs(load_summaries(tmp_path)))
+
+
+def test_empty_folder_is_an_error_and_writes_nothing(tmp_path):
+    with pytest.raises(ReportError):
+        build_report(tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_rebuilds_from_files(experiment):
+    result = subprocess.run([sys.executable, "-m", "commonsense.report", "--experiment_dir", str(experiment)],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "| LLaMA-7B | DoRA |" in result.stdout
+    assert (experiment / "results.md").exists() and (experiment / "results.png").stat().st_size > 0
+
+    missing = subprocess.run([sys.executable, "-m", "commonsense.report", "--experiment_dir",
+                              str(experiment / "nope")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2
+    assert missing.stderr.strip().startswith("error: ") and len(missing.stderr.strip().splitlines()) == 1
