@@ -1,0 +1,41 @@
+"""Shared entry-point behaviour: user mistakes become one ``error:`` line and exit code 2."""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
+
+EXIT_USER_ERROR = 2
+
+
+def add_repo_paths() -> str:
+    """Put the vendored fork (``peft/src``) and the repo root first on ``sys.path``.
+
+    First, not last: with HF peft pip-installed, appending would import HF peft, which
+    has no DoraConfig (the original fork's bug).
+    """
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for path in (root, os.path.join(root, "peft", "src")):
+        if path in sys.path:
+            sys.path.remove(path)
+        sys.path.insert(0, path)
+    return root
+
+
+def user_error_types() -> tuple:
+    """Exceptions that mean "the input is wrong" rather than "the program is wrong"."""
+    return (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def run_or_exit(main: Callable[[], T], debug: bool = False) -> T:
+    """Run ``main``; on a user error print one line to stderr and exit 2 (traceback with debug)."""
+    try:
+        return main()
+    except user_error_types() as err:
+        if debug:
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)

@@ -1,0 +1,353 @@
+"""Fine-tuning with LoRA or DoRA: the original finetune.py's recipe on ``transformers.Trainer``.
+
+Recipe (as the original): the Alpaca-style training prompt, EOS appended when the prompt was
+not truncated, labels = input ids (or the prompt part masked with -100 when
+``train_on_inputs=False``), a seeded validation split, AdamW with 100 warmup steps and a
+linear schedule, logging every 10 steps, evaluation and checkpoints every N steps (the 3
+newest kept), and the best validation-loss adapter loaded at the end and saved in the fork's
+format. Gradient accumulation = batch_size // micro_batch_size, divided by the world size
+under DDP so the global batch stays ``batch_size``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import List, Optional, Union
+
+import torch
+
+from .data import DataError, load_rows
+from .io import atomic_write_json
+from .models import configure_padding, load_base_model, load_tokenizer, pick_device
+from .prompts import training_prompt, user_prompt
+
+
+class FinetuneError(ValueError):
+    """A training option or combination of options that cannot work."""
+
+
+# ---- options ------------------------------------------------------------------------------
+def parse_module_list(value) -> Optional[Union[List[str], str]]:
+    """target_modules as the scripts pass it: a list, a JSON list string, or "a,b,c".
+
+    Any other string is kept as a regular expression (full match), as in the fork.
+    """
+    if value is None or value == "" or value == []:
+        return None
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    text = str(value).strip()
+    if text.startswith("["):
+        try:
+            parsed = json.loads(text)
+        except json.JSONDecodeError:
+            raise FinetuneError(f"cannot parse module list {text!r} (expected a JSON list of names)") from None
+        if not all(isinstance(v, str) for v in parsed):
+            raise FinetuneError(f"module list {text!r} must hold names (strings)")
+        return parsed
+    if "," in text and all(part.strip().replace("_", "").replace(".", "").isalnum() for part in text.split(",")):
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return text
+
+
+def check_batch_sizes(batch_size: int, micro_batch_size: int, world_size: int) -> int:
+    """The gradient-accumulation steps that keep the global batch equal to ``batch_size``."""
+    for name, value in (("batch_size", batch_size), ("micro_batch_size", micro_batch_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise FinetuneError(f"{name} must be a positive integer, got {value!r}")
+    if batch_size % micro_batch_size:
+        raise FinetuneError(f"batch_size {batch_size} is not a multiple of micro_batch_size {micro_batch_size}")
+    steps = batch_size // micro_batch_size
+    if steps % world_size:
+        raise FinetuneError(
+            f"batch_size {batch_size} / micro_batch_size {micro_batch_size} = {steps} accumulation steps "
+            f"cannot be split evenly over {world_size} processes"
+        )
+    return steps // world_size
+
+
+# ---- data -----------------------------------------------------------------------------------
+def tokenize_prompt(tokenizer, prompt: str, cutoff_len: int, add_eos_token: bool = True) -> dict:
+    """The original's tokenize(): truncate to cutoff_len; append EOS unless truncated."""
+    result = tokenizer(prompt, truncation=True, max_length=cutoff_len, padding=False, return_tensors=None)
+    ids, mask = list(result["input_ids"]), list(result["attention_mask"])
+    if add_eos_token and ids and ids[-1] != tokenizer.eos_token_id and len(ids) < cutoff_len:
+        ids.append(tokenizer.eos_token_id)
+        mask.append(1)
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.copy()}
+
+
+def tokenize_row(tokenizer, row: dict, cutoff_len: int, train_on_inputs: bool = True) -> dict:
+    example = tokenize_prompt(tokenizer, training_prompt(row), cutoff_len)
+    prompt_len = len(tokenize_prompt(tokenizer, user_prompt(row), cutoff_len, add_eos_token=False)["input_ids"])
+    if not train_on_inputs:
+        example["labels"] = [-100] * prompt_len + example["labels"][prompt_len:]
+    example["response_kept"] = prompt_len < len(example["input_ids"])
+    return example
+
+
+def build_datasets(rows, tokenizer, cutoff_len: int, train_on_inputs: bool, val_set_size: int, seed: int = 42):
+    """Seeded train/validation split (as the original), then tokenization."""
+    from datasets import Dataset
+
+    if val_set_size < 0:
+        raise FinetuneError(f"val_set_size must be >= 0, got {val_set_size}")
+    if val_set_size >= len(rows):
+        raise FinetuneError(f"val_set_size {val_set_size} leaves no training rows (the data has {len(rows)})")
+    data = Dataset.from_list([{"instruction": r["instruction"], "input": r["input"], "output": r["output"]} for r in rows])
+    if val_set_size > 0:
+        split = data.train_test_split(test_size=val_set_size, shuffle=True, seed=seed)
+        train, val = split["train"].shuffle(seed=seed), split["test"]
+    else:
+        train, val = data.shuffle(seed=seed), None
+
+    def encode(row):
+        return tokenize_row(tokenizer, row, cutoff_len, train_on_inputs)
+
+    columns = ["instruction", "input", "output"]
+    train = train.map(encode, remove_columns=columns, desc="tokenizing train")
+    kept = sum(train["response_kept"])
+    if kept == 0:
+        raise FinetuneError(
+            f"cutoff_len {cutoff_len} is too small: every training prompt is cut before its response"
+        )
+    if kept < len(train):
+        print(f"warning: cutoff_len {cutoff_len} cuts the response off {len(train) - kept} of {len(train)} rows")
+    train = train.remove_columns(["response_kept"])
+    if val is not None:
+        val = val.map(encode, remove_columns=columns, desc="tokenizing validation").remove_columns(["response_kept"])
+    return train, val
+
+
+# ---- the adapter-aware Trainer ------------------------------------------------------------
+def _adapter_trainer_class():
+    from transformers import Trainer
+
+    class AdapterTrainer(Trainer):
+        """Checkpoints hold the adapter (fork format), not the frozen base model."""
+
+        def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
+            output_dir = output_dir or self.args.output_dir
+            if not self.args.should_save:
+                return
+            os.makedirs(output_dir, exist_ok=True)
+            self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+        def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+            (model or self.model).load_adapter_state(resume_from_checkpoint)
+
+        def _load_best_model(self) -> None:
+            print(f"loading the best checkpoint {self.state.best_model_checkpoint} (eval loss {self.state.best_metric})")
+            self.model.load_adapter_state(self.state.best_model_checkpoint)
+
+    return AdapterTrainer
+
+
+def resolve_resume(resume_from_checkpoint, output_dir: str):
+    """``auto``: the newest checkpoint in output_dir (None if there is none); else the path."""
+    if not resume_from_checkpoint:
+        return None
+    if resume_from_checkpoint in ("auto", True, "True", "true"):
+        from transformers.trainer_utils import get_last_checkpoint
+
+        return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    if not os.path.isdir(resume_from_checkpoint):
+        raise FinetuneError(f"resume_from_checkpoint: no checkpoint folder {resume_from_checkpoint}")
+    return resume_from_checkpoint
+
+
+# ---- the run --------------------------------------------------------------------------------
+def train(
+    # model/data params
+    base_model: str = "",
+    data_path: str = "commonsense_170k.json",
+    output_dir: str = "./lora-alpaca",
+    adapter_name: str = "lora",
+    load_8bit: bool = False,
+    # training hyperparams
+    batch_size: int = 128,
+    micro_batch_size: int = 4,
+    num_epochs: float = 3,
+    learning_rate: float = 3e-4,
+    weight_decay: float = 0.0,
+    cutoff_len: int = 256,
+    val_set_size: int = 2000,
+    use_gradient_checkpointing: bool = False,
+    eval_step: int = 200,
+    save_step: int = 200,
+    # lora/dora hyperparams
+    lora_r: int = 8,
+    lora_alpha: float = 16,
+    lora_dropout: float = 0.05,
+    target_modules=None,
+    dora_simple: bool = True,
+    Wdecompose_target_modules=None,
+    # llm hyperparams
+    train_on_inputs: bool = True,
+    group_by_length: bool = False,
+    # wandb params
+    wandb_project: str = "",
+    wandb_run_name: str = "",
+    wandb_watch: str = "",
+    wandb_log_model: str = "",
+    resume_from_checkpoint=None,
+    # additions to the original's flags
+    seed: int = 42,
+    warmup_steps: int = 100,
+    max_steps: int = -1,
+    bf16: bool = False,
+    safe_serialization: bool = False,
+    trust_remote_code: bool = False,
+    debug: bool = False,
+) -> str:
+    """Fine-tune ``base_model`` with a LoRA or DoRA adapter; return the adapter folder."""
+    from transformers import DataCollatorForSeq2Seq, TrainingArguments, set_seed
+
+    from peft import DoraConfig, LoraConfig, get_peft_model, prepare_model_for_int8_training
+
+    if not base_model:
+        raise FinetuneError("please specify a --base_model, e.g. --base_model=smollm2-135m or yahma/llama-7b-hf")
+    adapter = str(adapter_name).lower()
+    if adapter not in ("lora", "dora"):
+        raise FinetuneError(f"adapter_name must be lora or dora, got {adapter_name!r}")
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    ddp = world_size != 1
+    accumulation_steps = check_batch_sizes(batch_size, micro_batch_size, world_size)
+    if cutoff_len <= 0:
+        raise FinetuneError(f"cutoff_len must be positive, got {cutoff_len}")
+    adapter_config_cls = DoraConfig if adapter == "dora" else LoraConfig
+    adapter_kwargs = dict(
+        r=lora_r,
+        lora_alpha=lora_alpha,
+        target_modules=parse_module_list(target_modules),
+        lora_dropout=lora_dropout,
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model,  # what the user named (hub id, folder or alias), not a cache path
+    )
+    if adapter == "dora":
+        adapter_kwargs.update(
+            dora_simple=bool(dora_simple), Wdecompose_target_modules=parse_module_list(Wdecompose_target_modules)
+        )
+    peft_config = adapter_config_cls(**adapter_kwargs)  # validates r, alpha, dropout before any loading
+    check_output_dir(output_dir)
+    rows = load_rows(data_path)
+    resume = resolve_resume(resume_from_checkpoint, output_dir)
+
+    use_wandb = bool(wandb_project) or bool(os.environ.get("WANDB_PROJECT"))
+    for key, value in (("WANDB_PROJECT", wandb_project), ("WANDB_WATCH", wandb_watch), ("WANDB_LOG_MODEL", wandb_log_model)):
+        if value:
+            os.environ[key] = value
+
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        print(
+            f"Training {adapter.upper()} model with params:\n"
+            + "\n".join(f"  {k}: {v}" for k, v in locals_summary(locals()).items())
+        )
+    set_seed(seed)
+    device = pick_device()
+    cuda = device == "cuda"
+    dtype = ("bf16" if bf16 else "fp16") if cuda else "fp32"
+    device_map = {"": int(os.environ.get("LOCAL_RANK") or 0)} if (ddp and cuda) else None
+    model = load_base_model(
+        base_model, dtype=dtype, load_8bit=load_8bit, trust_remote_code=trust_remote_code, device_map=device_map
+    )
+    tokenizer = load_tokenizer(base_model, trust_remote_code=trust_remote_code, padding_side="left")
+    configure_padding(tokenizer, model)
+    model = prepare_model_for_int8_training(model, use_gradient_checkpointing=use_gradient_checkpointing)
+    model = get_peft_model(model, peft_config)
+    model.print_trainable_parameters()
+
+    train_data, val_data = build_datasets(rows, tokenizer, cutoff_len, train_on_inputs, val_set_size, seed)
+    args = TrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=micro_batch_size,
+        per_device_eval_batch_size=micro_batch_size,
+        gradient_accumulation_steps=accumulation_steps,
+        warmup_steps=warmup_steps,
+        num_train_epochs=num_epochs,
+        max_steps=max_steps,
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        lr_scheduler_type="linear",
+        fp16=cuda and not bf16,
+        bf16=cuda and bf16,
+        logging_steps=10,
+        logging_first_step=True,
+        optim="adamw_torch",
+        eval_strategy="steps" if val_data is not None else "no",
+        save_strategy="steps",
+        eval_steps=eval_step if val_data is not None else None,
+        save_steps=save_step,
+        save_total_limit=3,
+        load_best_model_at_end=val_data is not None,
+        metric_for_best_model="loss" if val_data is not None else None,
+        ddp_find_unused_parameters=False if ddp else None,
+        train_sampling_strategy="group_by_length" if group_by_length else "random",
+        report_to="wandb" if use_wandb else "none",
+        run_name=wandb_run_name or None,
+        seed=seed,
+        data_seed=seed,
+        use_cpu=not cuda,
+        remove_unused_columns=False,
+    )
+    trainer = _adapter_trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=train_data,
+        eval_dataset=val_data,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True),
+    )
+    model.config.use_cache = False
+    started = time.time()
+    trainer.train(resume_from_checkpoint=resume)
+    elapsed = time.time() - started
+    if trainer.args.should_save:
+        model.save_pretrained(output_dir, safe_serialization=safe_serialization)
+        write_training_log(trainer, output_dir, elapsed)
+        print(f"saved the {adapter.upper()} adapter to {output_dir}")
+    return output_dir
+
+
+def locals_summary(values: dict) -> dict:
+    hidden = {"debug"}
+    return {k: v for k, v in values.items() if k in TRAIN_FLAGS and k not in hidden}
+
+
+def check_output_dir(output_dir: str) -> None:
+    """Fail before any work if output_dir cannot be created or written."""
+    if not output_dir:
+        raise FinetuneError("output_dir must not be empty")
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise FinetuneError(f"output_dir {output_dir} exists and is not a folder")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+    except OSError as err:
+        raise FinetuneError(f"cannot create output_dir {output_dir}: {err.strerror}") from None
+    if not os.access(output_dir, os.W_OK):
+        raise FinetuneError(f"output_dir {output_dir} is not writable")
+
+
+def write_training_log(trainer, output_dir: str, elapsed: float) -> None:
+    """Loss curve, wall time and peak memory, next to the adapter (for reports)."""
+    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+    atomic_write_json(
+        os.path.join(output_dir, "train_log.json"),
+        {
+            "log_history": trainer.state.log_history,
+            "best_model_checkpoint": trainer.state.best_model_checkpoint,
+            "global_step": trainer.state.global_step,
+            "train_seconds": round(elapsed, 2),
+            "peak_gpu_memory_bytes": peak,
+            "device": pick_device(),
+        },
+        indent=2,
+    )
+
+
+import inspect as _inspect  # noqa: E402  (after train() so the flag list is read from its signature)
+
+TRAIN_FLAGS = tuple(_inspect.signature(train).parameters)

@@ -1,0 +1,25 @@
+"""Fine-tune a causal LM with LoRA or DoRA on the commonsense mix (the original's CLI, via fire).
+
+    python finetune.py --base_model yahma/llama-7b-hf --data_path commonsense_170k.json \
+        --output_dir ./finetuned_result/dora_r32 --adapter_name dora --lora_r 32 --lora_alpha 64 ...
+
+All logic lives in commonsense/training.py.
+"""
+import sys
+
+from commonsense.cli import add_repo_paths, run_or_exit
+
+add_repo_paths()
+
+
+def main() -> None:
+    import fire
+
+    from commonsense.training import train
+
+    debug = "--debug" in sys.argv or any(a.startswith("--debug=") and a != "--debug=False" for a in sys.argv)
+    run_or_exit(lambda: fire.Fire(train), debug=debug)
+
+
+if __name__ == "__main__":
+    main()
