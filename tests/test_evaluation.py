@@ -22,6 +22,8 @@ from commonsense.evaluation import (
     summary_path,
 )
 
+from tiny_models import build_tiny_llama
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ORIGINAL_FIELDS = {"instruction", "input", "output", "answer", "output_pred", "pred", "flag"}
 
@@ -36,31 +38,6 @@ INSTRUCTIONS = [
 
 
 # --------------------------------------------------------------------------- fixtures
-
-def build_tiny_llama(folder: Path, seed: int = 0) -> Path:
-    """A byte-level tokenizer (exact decode round trip) and a 2-layer random LLaMA.
-
-    Ids 0/1/2 are <unk>/<s>/</s> as in LLaMA-1/2, so configure_padding pads with 0.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    specials = ["<unk>", "<s>", "</s>"]
-    vocab = {token: i for i, token in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
-                                        eos_token="</s>")
-    tokenizer.save_pretrained(folder)
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
-
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Fine-tune LLaMA-7B with DoRA on commonsense_170k.json, then evaluate the eight test sets.
+#
+#   bash llama_7B_Dora.sh R ALPHA OUTPUT_DIR GPU_IDS
+#   bash llama_7B_Dora.sh 32 64 ./finetuned_result/dora_r32 0      # one GPU
+#   bash llama_7B_Dora.sh 32 64 ./finetuned_result/dora_r32 0,1    # torchrun DDP, same global batch
+#
+# DRY_RUN=1 prints the commands instead of running them; PYTHON picks the interpreter.
+# Evaluation runs on the first GPU id and appends each task's output to OUTPUT_DIR/<task>.txt.
+if [ -z "${BASH_VERSION:-}" ]; then exec bash "$0" "$@"; fi
+set -euo pipefail
+# shellcheck source=scripts/common.sh
+. "$(dirname "${BASH_SOURCE[0]}")/scripts/common.sh"
+
+parse_train_args "$@"
+base_model='yahma/llama-7b-hf'
+data_path='commonsense_170k.json'
+micro_batch_size=$(micro_batch_for 16 16 "$GPU_IDS")
+require_train_data "$data_path"
+
+launch_train "$GPU_IDS" \
+    --base_model "$base_model" \
+    --data_path "$data_path" \
+    --output_dir "$OUTPUT_DIR" \
+    --batch_size 16 --micro_batch_size "$micro_batch_size" --num_epochs 3 \
+    --learning_rate 2e-4 --cutoff_len 256 --val_set_size 120 \
+    --eval_step 80 --save_step 80 --adapter_name dora \
+    --target_modules "$TARGETS_QKVUD" \
+    --lora_r "$LORA_R" --lora_alpha "$LORA_ALPHA" --use_gradient_checkpointing
+
+evaluate_each_task "$GPU_IDS" LLaMA-7B DoRA "$base_model" "$OUTPUT_DIR"

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Fine-tune LLaMA-7B with DoRA at a coarser granularity (paper Sec. 5.6, DoRA†): magnitude and
+# direction for q/k/v, magnitude only (--Wdecompose_target_modules) for o/gate/up/down; then
+# evaluate the eight test sets.
+#
+#   bash llama_7B_Dora_qkv.sh R ALPHA OUTPUT_DIR GPU_IDS
+#   bash llama_7B_Dora_qkv.sh 32 64 ./finetuned_result/dora_qkv_r32 0
+#
+# DRY_RUN=1 prints the commands instead of running them; PYTHON picks the interpreter.
+if [ -z "${BASH_VERSION:-}" ]; then exec bash "$0" "$@"; fi
+set -euo pipefail
+# shellcheck source=scripts/common.sh
+. "$(dirname "${BASH_SOURCE[0]}")/scripts/common.sh"
+
+parse_train_args "$@"
+base_model='yahma/llama-7b-hf'
+data_path='commonsense_170k.json'
+micro_batch_size=$(micro_batch_for 16 16 "$GPU_IDS")
+require_train_data "$data_path"
+
+launch_train "$GPU_IDS" \
+    --base_model "$base_model" \
+    --data_path "$data_path" \
+    --output_dir "$OUTPUT_DIR" \
+    --batch_size 16 --micro_batch_size "$micro_batch_size" --num_epochs 3 \
+    --learning_rate 2e-4 --cutoff_len 256 --val_set_size 120 \
+    --eval_step 80 --save_step 80 --adapter_name dora \
+    --target_modules '["q_proj", "k_proj", "v_proj"]' \
+    --Wdecompose_target_modules '["o_proj", "gate_proj", "up_proj", "down_proj"]' \
+    --lora_r "$LORA_R" --lora_alpha "$LORA_ALPHA" --use_gradient_checkpointing
+
+evaluate_each_task "$GPU_IDS" LLaMA-7B DoRA "$base_model" "$OUTPUT_DIR"
