@@ -14,7 +14,7 @@ import torch
 
 from peft import DoraConfig, get_peft_model
 
-from conftest import make_tiny_llama
+from tiny_llama import make_tiny_llama
 
 HF_SCRIPT = textwrap.dedent(
     """

@@ -19,7 +19,7 @@ from peft import (
 )
 from peft.tuners.dora import DoraLinear
 
-from conftest import LLAMA_LINEARS, make_tiny_llama
+from tiny_llama import LLAMA_LINEARS, make_tiny_llama
 
 SEED_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 ORIGINAL_CONFIG_KEYS = {
