@@ -15,12 +15,11 @@ and writes no output file.
 """
 import argparse
 import json
-import os
 import random
 import sys
-import tempfile
 from pathlib import Path
 
+from commonsense.io import atomic_write_json
 from commonsense.tasks import TASK_NAMES, get_task
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -136,21 +135,7 @@ def write_json_atomic(rows: list, out_path) -> None:
     out_path = Path(out_path)
     if not out_path.parent.is_dir():
         raise DataError(f"{out_path}: output directory {out_path.parent} does not exist")
-    fd, tmp_name = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
-    try:
-        # mkstemp creates the file 0600; give it the mode a plain open() would have.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_name, 0o666 & ~umask)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=4)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, out_path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.remove(tmp_name)
-        raise
+    atomic_write_json(out_path, rows, indent=4)
 
 
 def build_mix(source_dir, out_path, tasks=None, limit_per_task=None, seed=42) -> dict:

@@ -11,14 +11,13 @@ under DDP so the global batch stays ``batch_size``.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from typing import List, Optional, Union
 
 import torch
 
-from .data import DataError, load_rows
+from .data import load_rows
 from .io import atomic_write_json
 from .models import configure_padding, load_base_model, load_tokenizer, pick_device
 from .prompts import training_prompt, user_prompt

@@ -57,6 +57,8 @@ EVAL_SCRIPTS = {
 }
 LLAMA_TRAIN_SCRIPTS = [name for name in TRAIN_SCRIPTS if name.startswith("llama")]
 ALL_SCRIPTS = sorted(TRAIN_SCRIPTS) + sorted(EVAL_SCRIPTS)
+# Set-up wrappers: syntax-checked here, run for real by .ci/run and tests/test_demo.py.
+SETUP_SCRIPTS = ["demo.sh", "scripts/setup_env.sh", "scripts/test.sh", ".ci/run"]
 
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -361,7 +363,7 @@ def test_scripts_are_executable_bash(script):
     assert path.read_text().startswith("#!/usr/bin/env bash\n")
 
 
-@pytest.mark.parametrize("path", ALL_SCRIPTS + ["scripts/common.sh"])
+@pytest.mark.parametrize("path", ALL_SCRIPTS + SETUP_SCRIPTS + ["scripts/common.sh"])
 def test_bash_syntax(path):
     result = subprocess.run(["bash", "-n", str(REPO_ROOT / path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -378,13 +380,13 @@ def test_sh_invocation_reexecs_bash(tmp_path):
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
 def test_shellcheck():
-    paths = [str(REPO_ROOT / p) for p in ALL_SCRIPTS + ["scripts/common.sh"]]
+    paths = [str(REPO_ROOT / p) for p in ALL_SCRIPTS + SETUP_SCRIPTS + ["scripts/common.sh"]]
     result = subprocess.run(["shellcheck", "-x", *paths], cwd=REPO_ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_every_root_script_is_covered():
-    assert sorted(p.name for p in REPO_ROOT.glob("*.sh")) == sorted(ALL_SCRIPTS)
+    assert sorted(p.name for p in REPO_ROOT.glob("*.sh")) == sorted(ALL_SCRIPTS + ["demo.sh"])
 
 
 # ---- real mode, with stand-in programs -----------------------------------------------------------

@@ -1,7 +1,6 @@
 """finetune.py / commonsense.training on a tiny random LLaMA: recipe details, outputs, errors."""
 import json
 import os
-import shlex
 import subprocess
 import sys
 from pathlib import Path
