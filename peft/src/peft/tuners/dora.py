@@ -46,6 +46,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import AdapterConfigError, PeftType
+from .dora_kernels import (
+    DoraDropoutLinearFunction,
+    DoraLinearFunction,
+    dora_linear_inference,
+    optimizer_generation,
+    tensor_key,
+)
 from .lora import LoraConfig, LoraModel, resolve_target_modules
 from .tuners_utils import AdapterLayer, TargetModulesError, accumulation_dtype, find_targets
 
@@ -140,6 +147,7 @@ class DoraLinear(AdapterLayer):
             self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
             self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
         self._weight_sq_norm_cache: Optional[Tuple[tuple, torch.Tensor]] = None
+        self._norm_cache: Optional[Tuple[tuple, torch.Tensor]] = None
         self._merge_scale: Optional[torch.Tensor] = None
         self.reset_dora_parameters()
 
@@ -160,7 +168,9 @@ class DoraLinear(AdapterLayer):
     def weight_sq_norm(self) -> torch.Tensor:
         """||W||^2 per row (fp32), computed once and reused while W is unchanged."""
         weight = self.base_layer.weight
-        key = (weight.data_ptr(), weight._version, weight.device, weight.dtype)
+        if torch.compiler.is_compiling():  # a compiled graph cannot branch on storage pointers
+            return rowwise_sq_norm(weight.detach())
+        key = tensor_key(weight)
         cache = self._weight_sq_norm_cache
         if cache is None or cache[0] != key:
             with torch.no_grad():
@@ -169,14 +179,40 @@ class DoraLinear(AdapterLayer):
         return cache[1]
 
     def direction_norm(self) -> torch.Tensor:
-        """n = ||W + s B A|| per row, fp32; a constant for autograd when dora_simple."""
+        """n = ||W + s B A|| per row, fp32; a constant for autograd when dora_simple.
+
+        A constant n is cached until A, B or W change (or an optimizer steps), so gradient
+        accumulation micro-batches, checkpoint recomputation and evaluation reuse it.
+        """
         if self.r == 0:
             return self.weight_sq_norm().sqrt()
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.dora_simple):
-            sq = factored_sq_norm(
-                self.weight_sq_norm(), self.base_layer.weight.detach(), self.lora_A.weight, self.lora_B.weight, self.scaling
-            )
-            return sq.clamp_min(NORM_SQ_EPS).sqrt()
+        detached = self.dora_simple or not torch.is_grad_enabled()
+        if not detached:
+            return self._compute_direction_norm()
+        if torch.compiler.is_compiling():
+            with torch.no_grad():
+                return self._compute_direction_norm()
+        key = (
+            tensor_key(self.lora_A.weight),
+            tensor_key(self.lora_B.weight),
+            tensor_key(self.base_layer.weight),
+            optimizer_generation(),
+        )
+        if self._norm_cache is None or self._norm_cache[0] != key:
+            with torch.no_grad():
+                self._norm_cache = (key, self._compute_direction_norm())
+        return self._norm_cache[1]
+
+    def _compute_direction_norm(self) -> torch.Tensor:
+        sq = factored_sq_norm(
+            self.weight_sq_norm(), self.base_layer.weight.detach(), self.lora_A.weight, self.lora_B.weight, self.scaling
+        )
+        return sq.clamp_min(NORM_SQ_EPS).sqrt()
+
+    def invalidate_norm_cache(self) -> None:
+        """Forget cached norms (only needed after editing weights through ``.data``)."""
+        self._norm_cache = None
+        self._weight_sq_norm_cache = None
 
     # ---- forward -----------------------------------------------------------------------
     def lora_branch(self, x: torch.Tensor) -> torch.Tensor:
@@ -186,26 +222,23 @@ class DoraLinear(AdapterLayer):
         return F.linear(F.linear(x, a), b) * self.scaling
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The module docstring's equations, computed by ``dora_kernels`` (one base matmul
+        without dropout, two with it; no out x in temporary)."""
         weight, bias = self.base_layer.weight, self.base_layer.bias
+        lora_A = self.lora_A.weight if self.r > 0 else None
+        lora_B = self.lora_B.weight if self.r > 0 else None
         m = self.magnitude
         n = self.direction_norm()
         g = m / n
         dropout_active = self.training and not isinstance(self.lora_dropout, nn.Identity)
-
         if not dropout_active:  # y = g * (W x + s B A x) + b
-            h = F.linear(x, weight)
-            if self.r > 0:
-                h = h + self.lora_branch(x)
-            y = g.to(h.dtype) * h
-        else:  # y = W x + (g - 1) * (W drop(x)) + g * s B A drop(x) + b
-            x_drop = self.lora_dropout(x)
-            g_minus_1 = (m - n) / n
-            y = F.linear(x, weight) + g_minus_1.to(x.dtype) * F.linear(x_drop, weight)
-            if self.r > 0:
-                y = y + g.to(x.dtype) * self.lora_branch(x_drop)
-        if bias is not None:
-            y = y + bias
-        return y
+            if not torch.is_grad_enabled():
+                return dora_linear_inference(x, weight, bias, lora_A, lora_B, self.scaling, g)
+            return DoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, g, self.scaling)
+        # y = W x + (g - 1) * (W drop(x)) + g * s B A drop(x) + b, with g - 1 = (m - n) / n
+        x_drop = self.lora_dropout(x)
+        g_minus_1 = (m - n) / n
+        return DoraDropoutLinearFunction.apply(x, x_drop, weight, bias, lora_A, lora_B, g, g_minus_1, self.scaling)
 
     def lora_delta(self) -> torch.Tensor:
         """s * B A (out x in). Only merge/unmerge build it; the forward never does."""

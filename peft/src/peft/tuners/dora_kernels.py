@@ -1,0 +1,191 @@
+r"""The DoRA linear layer's forward and backward, hand-written for speed and memory.
+
+``dora.py`` states the math; this module computes it with as little work and memory as
+the formula allows. Notation: x is [T, in] (leading dims flattened), W [out, in] frozen,
+A [r, in], B [out, r], s the scaling, g = m / n and g1 = (m - n) / n = g - 1 (both [out],
+computed by the caller so autograd carries their gradients on to m, and to A, B through
+n when ``dora_simple=False``).
+
+Without dropout (and always in eval mode) -- one base matmul, as LoRA:
+
+    forward   h = x W^T + s (x A^T) B^T ;  y = g * h + b
+    backward  grad_g = sum_T(dy * h)       (h = (y - b) / g: the saved tensor is the output
+                                            itself when there is no bias, so it costs no memory
+                                            beyond what the caller keeps)
+              dyg = dy * g
+              grad_x = dyg W + s (dyg B) A ;  grad_B = s dyg^T (x A^T) ;  grad_A = s (dyg B)^T x
+
+With dropout (paper-exact; x_d = drop(x) comes from the caller's dropout module, so its
+mask and backward stay the module's own):
+
+    forward   p = x_d W^T ;  q = s (x_d A^T) B^T ;  y = x W^T + g1 * p + g * q + b
+    backward  grad_x = dy W ;  grad_x_d = (g1 * dy) W + s ((g * dy) B) A
+              grad_g = sum_T(dy * (p + q)),  grad_A, grad_B as above with x_d
+
+Two base matmuls forward and two backward are inherent to this formula (the frozen path
+sees x, the adapted one x_d). g and g1 differ by a constant, so they have the same
+gradient with respect to everything upstream: the function returns the combined
+gradient for g and none for g1, which gives m, A and B exactly their true gradients.
+
+Magnitude-only layers are the same with no A, B (q = 0).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+# The elementwise passes between the matmuls (Triton on CUDA, torch elsewhere)
+from .dora_triton import compose_backward, compose_dropout_forward, scale_columns_
+
+# ---- optimizer-step generation ------------------------------------------------------------
+# The cached norm n depends on A and B. Plain in-place updates bump a tensor's version
+# counter, but fused optimizers (AdamW(fused=True)) do not, so every optimizer step also
+# bumps this generation counter, which is part of the cache key.
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def optimizer_generation() -> int:
+    return _optimizer_steps
+
+
+def tensor_key(t: Optional[torch.Tensor]) -> tuple:
+    """What identifies a tensor's current contents cheaply (no data is read)."""
+    if t is None:
+        return ()
+    return (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
+
+
+# ---- helpers ------------------------------------------------------------------------------
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+def dora_linear_inference(x, weight, bias, lora_A, lora_B, scaling, g) -> torch.Tensor:
+    """y = g * (x W^T + s (x A^T) B^T) + b with no autograd graph, in place where possible."""
+    dtype = x.dtype
+    h = F.linear(x, weight)
+    if lora_A is not None:
+        xa = F.linear(x, lora_A.to(dtype))
+        h = h.add_(F.linear(xa, lora_B.to(dtype)), alpha=scaling)
+    h = h.mul_(g.to(dtype))
+    return h.add_(bias) if bias is not None else h
+
+
+class DoraLinearFunction(torch.autograd.Function):
+    """y = g * (x W^T + s x A^T B^T) + b  (no dropout). See the module docstring."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, g, scaling: float):
+        dtype = x.dtype
+        x2 = _flat(x)
+        h = x2 @ weight.t()
+        xa = None
+        if lora_A is not None:
+            a, b = lora_A.to(dtype), lora_B.to(dtype)
+            xa = x2 @ a.t()
+            h = h.addmm_(xa, b.t(), alpha=scaling)
+        # y = g * h (+ b)
+        if bias is None:
+            y = scale_columns_(h, g)  # in place: the output doubles as the saved tensor, h = y / g
+            saved_h_or_y = y
+        else:
+            y = scale_columns_(h, g, bias, out=torch.empty_like(h))  # h is kept for backward
+            saved_h_or_y = h
+        ctx.scaling = scaling
+        ctx.has_bias = bias is not None
+        ctx.has_lora = lora_A is not None
+        ctx.x_shape = x.shape
+        ctx.save_for_backward(x2, weight, lora_A, lora_B, g, xa, saved_h_or_y)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, lora_A, lora_B, g, xa, saved = ctx.saved_tensors
+        s = ctx.scaling
+        dtype = dy.dtype
+        dy2 = _flat(dy)
+        need_x, _, need_bias, need_A, need_B, need_g, _ = ctx.needs_input_grad
+
+        # dyg = dy * g and grad_g = sum_T(dy * h) in one pass; without bias the
+        # saved tensor is y = g * h, so sum(dy * y) / g (rows with g = 0 have h = 0 there)
+        dyg, _, grad_g = compose_backward(dy2, saved, g, divide_by_g=not ctx.has_bias)
+        grad_g = grad_g.to(g.dtype) if need_g else None
+        grad_x = grad_A = grad_B = None
+        dyg_b = None
+        if ctx.has_lora and (need_x or need_A):
+            dyg_b = dyg @ lora_B.to(dtype)  # [T, r]
+        if need_x:
+            grad_x = dyg @ weight
+            if ctx.has_lora:
+                grad_x = grad_x.addmm_(dyg_b, lora_A.to(dtype), alpha=s)
+            grad_x = grad_x.view(ctx.x_shape)
+        if ctx.has_lora and need_B:
+            grad_B = (dyg.t() @ xa).mul_(s).to(lora_B.dtype)
+        if ctx.has_lora and need_A:
+            grad_A = (dyg_b.t() @ x2).mul_(s).to(lora_A.dtype)
+        grad_bias = dy2.sum(dim=0).to(dtype) if need_bias else None
+        return grad_x, None, grad_bias, grad_A, grad_B, grad_g, None
+
+
+class DoraDropoutLinearFunction(torch.autograd.Function):
+    """y = x W^T + g1 * (x_d W^T) + g * s x_d A^T B^T + b  (paper-exact dropout)."""
+
+    @staticmethod
+    def forward(ctx, x, x_drop, weight, bias, lora_A, lora_B, g, g_minus_1, scaling: float):
+        dtype = x.dtype
+        x2, xd2 = _flat(x), _flat(x_drop)
+        p = xd2 @ weight.t()  # W x_d
+        xa = None
+        q = None
+        if lora_A is not None:
+            xa = xd2 @ lora_A.to(dtype).t()
+            q = xa @ (lora_B * scaling).to(dtype).t()  # s B A x_d; s folded into the small B
+        # y = x W^T + g1 * p + g * q + b and h_drop = p + q (for grad_g), one pass
+        y, h_drop = compose_dropout_forward(x2 @ weight.t(), p, q, g, g_minus_1, bias)
+        ctx.scaling = scaling
+        ctx.has_lora = lora_A is not None
+        ctx.x_shape = x.shape
+        ctx.save_for_backward(xd2, weight, lora_A, lora_B, g, g_minus_1, xa, h_drop)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        xd2, weight, lora_A, lora_B, g, g_minus_1, xa, h_drop = ctx.saved_tensors
+        s = ctx.scaling
+        dtype = dy.dtype
+        dy2 = _flat(dy)
+        need_x, need_xd, _, need_bias, need_A, need_B, need_g, need_g1, _ = ctx.needs_input_grad
+
+        # dyg = dy * g, dyg1 = dy * g1 and grad_g = sum_T(dy * (p + q)), one pass
+        dyg, dyg1, grad_g = compose_backward(
+            dy2, h_drop, g, g_minus_1 if need_xd else None, need_dyg=ctx.has_lora
+        )
+        grad_g = grad_g.to(g.dtype) if (need_g or need_g1) else None
+        grad_x = (dy2 @ weight).view(ctx.x_shape) if need_x else None
+        grad_xd = grad_A = grad_B = None
+        dyg_b = dyg @ lora_B.to(dtype) if ctx.has_lora and (need_xd or need_A) else None
+        if need_xd:
+            grad_xd = dyg1 @ weight
+            if ctx.has_lora:
+                grad_xd = grad_xd.addmm_(dyg_b, lora_A.to(dtype), alpha=s)
+            grad_xd = grad_xd.view(ctx.x_shape)
+        if ctx.has_lora and need_B:
+            grad_B = (dyg.t() @ xa).mul_(s).to(lora_B.dtype)
+        if ctx.has_lora and need_A:
+            grad_A = (dyg_b.t() @ xd2).mul_(s).to(lora_A.dtype)
+        grad_bias = dy2.sum(dim=0).to(dtype) if need_bias else None
+        # g and g1 = g - 1 share every upstream gradient: report the sum once, on g.
+        if not need_g:
+            return grad_x, grad_xd, None, grad_bias, grad_A, grad_B, None, grad_g, None
+        return grad_x, grad_xd, None, grad_bias, grad_A, grad_B, grad_g, None, None

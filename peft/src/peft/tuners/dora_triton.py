@@ -1,0 +1,368 @@
+r"""Triton kernels for DoRA's elementwise work around the matmuls (with torch fallbacks).
+
+``dora_kernels.py`` does the matmuls with torch; what is left between them is a handful
+of passes over [T, out] activations (and one tiny pass over [out, r] for the norm).
+Each pass here reads every input once and writes every output once, in the activation
+dtype, with the arithmetic in fp32 registers:
+
+    factored_norm            n = sqrt(max(eps, ||W||^2 + 2 s rowsum(B * W A^T)
+                                                 + s^2 rowsum((B A A^T) * B)))      [out]
+    compose_dropout_forward  y = base + g1 * p + g * q + b ;  h_drop = p + q       [T, out]
+    compose_backward         dyg = dy * g ;  dyg1 = dy * g1 ;
+                             grad_g = sum_T(dy * saved) (/ g)                        [T, out]
+    scale_columns_           y = h * g + b                                           [T, out]
+
+Every function has a torch path with the same semantics (the arithmetic of the original
+``dora_kernels`` code, so float64 runs stay exact). ``use_triton(t)`` says which path a
+tensor takes: Triton for CUDA tensors in fp32/fp16/bf16 when triton imports, and for CPU
+tensors too when ``TRITON_INTERPRET=1`` was set before this module was imported (how the
+tests check the kernels without a GPU). ``triton_disabled()`` forces the torch path.
+
+The column reduction of ``compose_backward`` is two-stage (per-program partial sums, then
+one program per column block adds them in a fixed order), so it is deterministic.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator, Optional, Tuple
+
+import torch
+
+try:  # triton is optional: without it every function takes its torch path
+    import triton
+    import triton.language as tl
+
+    TRITON_AVAILABLE = True
+except ImportError:  # pragma: no cover - depends on the environment
+    triton = None
+    tl = None
+    TRITON_AVAILABLE = False
+
+# Read once: triton itself reads the variable at import time, so a later change would not
+# make CPU launches work anyway.
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_enabled = True
+
+# Elementwise [T, out] tiles: 4096 elements per program, columns contiguous.
+_TILE_T = 32
+_TILE_N = 128
+# compose_backward's grid aims at about this many programs (several per SM on any current
+# GPU). It depends on the shape only, so the summation order, and hence the result, does
+# not depend on the device.
+_REDUCTION_PROGRAMS = 1024
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """True when the functions here run their Triton kernel for tensors like ``t``."""
+    if not (_enabled and TRITON_AVAILABLE) or t.dtype not in _KERNEL_DTYPES:
+        return False
+    return t.is_cuda or (TRITON_INTERPRET and t.device.type == "cpu")
+
+
+@contextlib.contextmanager
+def triton_disabled() -> Iterator[None]:
+    """Within the block every function takes its torch path (for comparisons and debugging)."""
+    global _enabled
+    previous, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = previous
+
+
+def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _vector_fp32(t: torch.Tensor) -> torch.Tensor:
+    """A per-column vector as the kernels read it: fp32, contiguous."""
+    return t.detach().to(torch.float32).contiguous()
+
+
+def _launch_device(t: torch.Tensor):
+    # Eager Triton launches go to the current CUDA device: make that the tensors' device
+    # (for models split over GPUs). Compiled graphs place their launches themselves.
+    if t.is_cuda and not torch.compiler.is_compiling():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def _elementwise_grid(rows: int, cols: int) -> Tuple[int, int]:
+    return (triton.cdiv(rows, _TILE_T), triton.cdiv(cols, _TILE_N))
+
+
+# ---- kernels ------------------------------------------------------------------------------
+if TRITON_AVAILABLE:
+
+    @triton.jit
+    def _factored_norm_kernel(
+        w2_ptr, w_at_ptr, b_ptr, aat_ptr, n_ptr,
+        out_features, rank, scaling, eps,
+        BLOCK_M: tl.constexpr, RANK_PAD: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        ranks = tl.arange(0, RANK_PAD)
+        row_ok = rows < out_features
+        rank_ok = ranks < rank
+        row_offsets = rows.to(tl.int64)[:, None] * rank
+        tile_ok = row_ok[:, None] & rank_ok[None, :]
+        b = tl.load(b_ptr + row_offsets + ranks[None, :], mask=tile_ok, other=0.0)
+        w_at = tl.load(w_at_ptr + row_offsets + ranks[None, :], mask=tile_ok, other=0.0)
+        cross = tl.sum(b * w_at, axis=1)
+        # rowsum((B @ AA^T) * B), a block of AA^T's columns at a time so r = 256 fits.
+        quad = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, RANK_PAD, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < rank
+            aat_cols = tl.load(
+                aat_ptr + ranks[:, None] * rank + ks[None, :], mask=rank_ok[:, None] & k_ok[None, :], other=0.0
+            )
+            b_aat = tl.dot(b, aat_cols, input_precision="ieee")  # ieee: no tf32 rounding
+            b_k = tl.load(b_ptr + row_offsets + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            quad += tl.sum(b_aat * b_k, axis=1)
+        w2 = tl.load(w2_ptr + rows, mask=row_ok, other=1.0)
+        sq_norm = w2 + (2.0 * scaling) * cross + (scaling * scaling) * quad
+        tl.store(n_ptr + rows, tl.sqrt_rn(tl.maximum(sq_norm, eps)), mask=row_ok)
+
+    @triton.jit
+    def _compose_dropout_forward_kernel(
+        base_ptr, p_ptr, q_ptr, g_ptr, g1_ptr, bias_ptr, y_ptr,
+        num_rows, num_cols,
+        HAS_Q: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < num_cols
+        mask = (rows < num_rows)[:, None] & col_ok[None, :]
+        offsets = rows.to(tl.int64)[:, None] * num_cols + cols[None, :]
+        p = tl.load(p_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        g1 = tl.load(g1_ptr + cols, mask=col_ok, other=0.0)
+        y = tl.load(base_ptr + offsets, mask=mask, other=0.0).to(tl.float32) + g1[None, :] * p
+        if HAS_Q:
+            q = tl.load(q_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + cols, mask=col_ok, other=0.0)
+            y += g[None, :] * q
+            tl.store(p_ptr + offsets, (p + q).to(p_ptr.dtype.element_ty), mask=mask)  # h_drop
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _compose_backward_kernel(
+        dy_ptr, saved_ptr, g_ptr, g1_ptr, dyg_ptr, dyg1_ptr, partial_ptr,
+        num_rows, num_cols, rows_per_program,
+        WRITE_DYG: tl.constexpr, HAS_G1: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        pid_t = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < num_cols
+        g = tl.load(g_ptr + cols, mask=col_ok, other=0.0)
+        if HAS_G1:
+            g1 = tl.load(g1_ptr + cols, mask=col_ok, other=0.0)
+        column_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
+        first_row = pid_t * rows_per_program
+        for t0 in range(0, rows_per_program, BLOCK_T):
+            rows = first_row + t0 + tl.arange(0, BLOCK_T)
+            mask = (rows < num_rows)[:, None] & col_ok[None, :]
+            offsets = rows.to(tl.int64)[:, None] * num_cols + cols[None, :]
+            dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            saved = tl.load(saved_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            column_sum += tl.sum(dy * saved, axis=0)
+            if WRITE_DYG:
+                tl.store(dyg_ptr + offsets, (dy * g[None, :]).to(dyg_ptr.dtype.element_ty), mask=mask)
+            if HAS_G1:
+                tl.store(dyg1_ptr + offsets, (dy * g1[None, :]).to(dyg1_ptr.dtype.element_ty), mask=mask)
+        tl.store(partial_ptr + pid_t.to(tl.int64) * num_cols + cols, column_sum, mask=col_ok)
+
+    @triton.jit
+    def _sum_partials_kernel(
+        partial_ptr, g_ptr, out_ptr, num_partials, num_cols,
+        DIVIDE_BY_G: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < num_cols
+        total = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for i in range(0, num_partials):  # a fixed order: the result is deterministic
+            total += tl.load(partial_ptr + i * num_cols + cols, mask=col_ok, other=0.0)
+        if DIVIDE_BY_G:
+            g = tl.load(g_ptr + cols, mask=col_ok, other=1.0)
+            safe_g = tl.where(g == 0.0, 1.0, g)
+            total = tl.where(g == 0.0, 0.0, tl.div_rn(total, safe_g))
+        tl.store(out_ptr + cols, total, mask=col_ok)
+
+    @triton.jit
+    def _scale_columns_kernel(
+        h_ptr, g_ptr, bias_ptr, y_ptr, num_rows, num_cols,
+        HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < num_cols
+        mask = (rows < num_rows)[:, None] & col_ok[None, :]
+        offsets = rows.to(tl.int64)[:, None] * num_cols + cols[None, :]
+        g = tl.load(g_ptr + cols, mask=col_ok, other=0.0)
+        y = tl.load(h_ptr + offsets, mask=mask, other=0.0).to(tl.float32) * g[None, :]
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# ---- factored_norm ------------------------------------------------------------------------
+def factored_norm(
+    weight_sq_norm: torch.Tensor,
+    w_at: torch.Tensor,
+    lora_B: torch.Tensor,
+    aat: torch.Tensor,
+    scaling: float,
+    eps: float,
+) -> torch.Tensor:
+    """n = sqrt(max(eps, w2 + 2 s rowsum(B * W A^T) + s^2 rowsum((B A A^T) * B))), per row.
+
+    ``weight_sq_norm`` [out], ``w_at`` = W A^T [out, r], ``lora_B`` [out, r], ``aat`` = A A^T
+    [r, r], all fp32 (wider stays on the torch path). Forward only: for the detached norm.
+    """
+    rank = lora_B.shape[1]
+    if not use_triton(weight_sq_norm) or weight_sq_norm.dtype != torch.float32 or rank == 0:
+        dtype = weight_sq_norm.dtype
+        b = lora_B.to(dtype)
+        cross = (b * w_at.to(dtype)).sum(dim=1)
+        quad = ((b @ aat.to(dtype)) * b).sum(dim=1)
+        sq = weight_sq_norm + (2.0 * scaling) * cross + (scaling * scaling) * quad
+        return sq.clamp_min(eps).sqrt()
+    out_features = weight_sq_norm.shape[0]
+    w2, w_at, b, aat = (_vector_fp32(t) for t in (weight_sq_norm, w_at, lora_B, aat))
+    n = torch.empty_like(w2)
+    rank_pad = max(16, triton.next_power_of_2(rank))  # tl.dot needs every dim >= 16
+    block_m = 32 if rank_pad <= 64 else 16  # keeps the [BLOCK_M, r] tiles in registers
+    block_k = min(rank_pad, 32)
+    with _launch_device(w2):
+        _factored_norm_kernel[(triton.cdiv(out_features, block_m),)](
+            w2, w_at, b, aat, n, out_features, rank, float(scaling), float(eps),
+            BLOCK_M=block_m, RANK_PAD=rank_pad, BLOCK_K=block_k,
+        )
+    return n
+
+
+# ---- compose_dropout_forward --------------------------------------------------------------
+def compose_dropout_forward(
+    base_x: torch.Tensor,
+    p: torch.Tensor,
+    q: Optional[torch.Tensor],
+    g: torch.Tensor,
+    g1: torch.Tensor,
+    bias: Optional[torch.Tensor],
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(y, h_drop) with y = base_x + g1 * p + g * q + bias and h_drop = p + q (q may be None).
+
+    All [T, out] in the activation dtype; g, g1 [out]. ``base_x`` and ``p`` are consumed:
+    y may live in base_x's buffer and h_drop in p's.
+    """
+    if not use_triton(base_x) or base_x.numel() == 0:
+        dtype = base_x.dtype
+        y = base_x.addcmul_(p, g1.to(dtype))
+        h_drop = p
+        if q is not None:
+            y = y.addcmul_(q, g.to(dtype))
+            h_drop = p.add_(q)
+        if bias is not None:
+            y = y.add_(bias.to(dtype))
+        return y, h_drop
+    base_x, p = _rows_contiguous(base_x), _rows_contiguous(p)
+    q = None if q is None else _rows_contiguous(q)
+    num_rows, num_cols = base_x.shape
+    g1_32 = _vector_fp32(g1)
+    g_32 = _vector_fp32(g) if q is not None else g1_32  # unread without q
+    bias_arg = bias.detach().contiguous() if bias is not None else g1_32  # unread without bias
+    with _launch_device(base_x):
+        _compose_dropout_forward_kernel[_elementwise_grid(num_rows, num_cols)](
+            base_x, p, q if q is not None else p, g_32, g1_32, bias_arg, base_x,
+            num_rows, num_cols,
+            HAS_Q=q is not None, HAS_BIAS=bias is not None, BLOCK_T=_TILE_T, BLOCK_N=_TILE_N,
+        )
+    return base_x, p
+
+
+# ---- compose_backward ---------------------------------------------------------------------
+def _reduction_programs(num_rows: int, num_col_blocks: int) -> Tuple[int, int]:
+    """(programs along T, rows each): enough programs to fill the GPU, few partial rows."""
+    row_tiles = triton.cdiv(num_rows, _TILE_T)
+    programs = max(1, min(row_tiles, _REDUCTION_PROGRAMS // num_col_blocks))
+    rows_each = triton.cdiv(row_tiles, programs) * _TILE_T
+    return triton.cdiv(num_rows, rows_each), rows_each
+
+
+def compose_backward(
+    dy: torch.Tensor,
+    saved: torch.Tensor,
+    g: torch.Tensor,
+    g1: Optional[torch.Tensor] = None,
+    divide_by_g: bool = False,
+    need_dyg: bool = True,
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor]:
+    """(dyg, dyg1, grad_g): dy * g, dy * g1 (None without g1), and sum_T(dy * saved).
+
+    grad_g is accumulated in (at least) fp32 and divided by g when ``divide_by_g`` (the
+    saved tensor is y = g * h; columns with g == 0 give 0). ``need_dyg=False`` skips dyg.
+    """
+    if not use_triton(dy) or dy.numel() == 0:
+        dtype = dy.dtype
+        grad_g = (dy * saved).sum(dim=0, dtype=torch.promote_types(dtype, torch.float32))
+        if divide_by_g:  # rows with g = 0 have y = 0, so their sum is already 0
+            grad_g = grad_g / torch.where(g == 0, torch.ones_like(g), g)
+        dyg = dy * g.to(dtype) if need_dyg else None
+        dyg1 = dy * g1.to(dtype) if g1 is not None else None
+        return dyg, dyg1, grad_g
+    dy, saved = _rows_contiguous(dy), _rows_contiguous(saved)
+    num_rows, num_cols = dy.shape
+    g_32 = _vector_fp32(g)
+    g1_32 = _vector_fp32(g1) if g1 is not None else g_32  # unread without g1
+    dyg = torch.empty_like(dy) if need_dyg else None
+    dyg1 = torch.empty_like(dy) if g1 is not None else None
+    col_blocks = triton.cdiv(num_cols, _TILE_N)
+    row_programs, rows_each = _reduction_programs(num_rows, col_blocks)
+    partial = torch.empty(row_programs, num_cols, dtype=torch.float32, device=dy.device)
+    grad_g = torch.empty(num_cols, dtype=torch.float32, device=dy.device)
+    with _launch_device(dy):
+        _compose_backward_kernel[(row_programs, col_blocks)](
+            dy, saved, g_32, g1_32, dyg if dyg is not None else dy, dyg1 if dyg1 is not None else dy, partial,
+            num_rows, num_cols, rows_each,
+            WRITE_DYG=need_dyg, HAS_G1=g1 is not None, BLOCK_T=_TILE_T, BLOCK_N=_TILE_N,
+        )
+        _sum_partials_kernel[(col_blocks,)](
+            partial, g_32, grad_g, row_programs, num_cols, DIVIDE_BY_G=divide_by_g, BLOCK_N=_TILE_N,
+        )
+    return dyg, dyg1, grad_g
+
+
+# ---- scale_columns_ -----------------------------------------------------------------------
+def scale_columns_(
+    h: torch.Tensor, g: torch.Tensor, bias: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """y = h * g + bias, written into h (or into ``out`` when given, leaving h intact)."""
+    dtype = h.dtype
+    if not use_triton(h) or h.numel() == 0:
+        if out is None:
+            y = h.mul_(g.to(dtype))
+            return y.add_(bias.to(dtype)) if bias is not None else y
+        if bias is None:
+            return torch.mul(h, g.to(dtype), out=out)
+        return torch.addcmul(bias.to(dtype).expand_as(h), h, g.to(dtype), out=out)
+    if not h.is_contiguous():
+        if out is None:  # in place on a strided tensor: compute contiguously, copy back
+            return h.copy_(scale_columns_(h.contiguous(), g, bias))
+        h = h.contiguous()
+    y = h if out is None else out
+    if not y.is_contiguous():
+        return y.copy_(scale_columns_(h, g, bias, out=torch.empty_like(h)))
+    num_rows, num_cols = h.shape
+    g_32 = _vector_fp32(g)
+    bias_arg = bias.detach().contiguous() if bias is not None else g_32  # unread without bias
+    with _launch_device(h):
+        _scale_columns_kernel[_elementwise_grid(num_rows, num_cols)](
+            h, g_32, bias_arg, y, num_rows, num_cols,
+            HAS_BIAS=bias is not None, BLOCK_T=_TILE_T, BLOCK_N=_TILE_N,
+        )
+    return y

@@ -1,0 +1,150 @@
+"""The hand-written DoRA forward/backward: memory, caching, precision, compile, checkpointing."""
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from peft.tuners.dora import DoraLinear
+
+from test_dora_layer import FixedMaskDropout, make_layer, reference_forward
+
+
+class LargestTensorCreated(TorchDispatchMode):
+    """Records the largest tensor any aten op allocates while active (views allocate nothing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+        self.op = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = torch.utils._pytree.tree_leaves((args, kwargs or {}))
+        input_storages = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if not isinstance(t, torch.Tensor) or t.untyped_storage().data_ptr() in input_storages:
+                continue  # a view of an input, or an in-place result: no new memory
+            if t.numel() > self.largest:
+                self.largest, self.op = t.numel(), str(func)
+        return out
+
+
+@pytest.mark.parametrize("p,simple", [(0.0, True), (0.0, False), (0.2, True), (0.2, False)])
+def test_no_out_by_in_temporary_in_forward_or_backward(p, simple):
+    out_f, in_f, tokens = 96, 80, 4  # out x in dwarfs every activation
+    torch.manual_seed(0)
+    layer = DoraLinear(nn.Linear(in_f, out_f), r=4, lora_alpha=8, lora_dropout=p, dora_simple=simple).train()
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(tokens, in_f, requires_grad=True)
+    with LargestTensorCreated() as mode:
+        layer(x).sum().backward()
+    assert mode.largest < out_f * in_f, f"{mode.op} made a tensor of {mode.largest} elements"
+
+
+def test_eval_forward_makes_no_out_by_in_temporary_and_one_matmul():
+    layer = make_layer(96, 80, 4, True, True, torch.float32, seed=0, p=0.3).eval()
+    matmuls = []
+
+    class CountMatmuls(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if "mm" in str(func) and tuple(args[1].shape) == (80, 96):  # x @ W^T: a base matmul
+                matmuls.append(str(func))
+            return out
+
+    x = torch.randn(4, 80)
+    with torch.no_grad(), LargestTensorCreated() as mode:
+        layer(x)
+    assert mode.largest < 96 * 80
+    layer.train()
+    layer.lora_dropout = nn.Identity()
+    with torch.no_grad(), CountMatmuls():
+        layer(x)
+    assert len(matmuls) == 1  # W x only (B's product is rank r and is added in place)
+
+
+def test_norm_is_cached_across_micro_batches_and_refreshed_after_a_step():
+    layer = make_layer(16, 12, 4, False, True, torch.float32, seed=1).train()
+    opt = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=0.05)
+    n1 = layer.direction_norm()
+    layer(torch.randn(3, 12)).sum().backward()
+    assert layer.direction_norm() is n1  # the second micro-batch reuses it
+    opt.step()
+    n2 = layer.direction_norm()
+    assert n2 is not n1
+    dense = (layer.base_layer.weight + layer.scaling * layer.lora_B.weight @ layer.lora_A.weight).norm(dim=1)
+    torch.testing.assert_close(n2, dense.detach(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("optimizer_kwargs", [dict(foreach=True), dict(foreach=False), dict(fused=True)])
+def test_norm_cache_follows_every_kind_of_optimizer(optimizer_kwargs):
+    """Fused AdamW does not bump version counters; the step hook still invalidates the cache."""
+    layer = make_layer(16, 12, 4, False, True, torch.float32, seed=2).train()
+    opt = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=0.1, **optimizer_kwargs)
+    for _ in range(3):
+        layer(torch.randn(3, 12)).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        dense = (layer.base_layer.weight + layer.scaling * layer.lora_B.weight @ layer.lora_A.weight).norm(dim=1)
+        torch.testing.assert_close(layer.direction_norm(), dense.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    torch.manual_seed(3)
+    x = torch.randn(8, 12)
+    big = make_layer(16, 12, 4, True, True, torch.float64, seed=4).train()
+    small = make_layer(16, 12, 4, True, True, torch.float64, seed=4).train()
+    big(x.double()).pow(2).sum().backward()
+    for part in x.double().split(2):
+        small(part).pow(2).sum().backward()
+    for (name, a), (_, b) in zip(big.named_parameters(), small.named_parameters()):
+        if a.requires_grad:
+            torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_bf16_base_matches_float64_reference_within_bf16_tolerance(p):
+    torch.manual_seed(5)
+    layer = DoraLinear(nn.Linear(48, 40, bias=False).to(torch.bfloat16), r=8, lora_alpha=16, lora_dropout=p).train()
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(0, 0.1)
+    x = torch.randn(6, 48, dtype=torch.bfloat16, requires_grad=True)
+    mask = None
+    if p:
+        mask = (torch.rand(6, 48) > p).float()
+        layer.lora_dropout = FixedMaskDropout(mask, p)
+    y = layer(x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    W = layer.base_layer.weight.double()
+    A = layer.lora_A.weight.detach().double().requires_grad_()
+    B = layer.lora_B.weight.detach().double().requires_grad_()
+    m = layer.magnitude.detach().double().requires_grad_()
+    xr = x.detach().double().requires_grad_()
+    x_drop = None if mask is None else xr * mask.double() / (1 - p)
+    ref = reference_forward(xr, W, None, A, B, m, layer.scaling, True, x_drop)
+    ref.backward(dy.double())
+    tol = 3e-2
+    torch.testing.assert_close(y.double(), ref.detach(), atol=tol * ref.abs().max().item(), rtol=tol)
+    for ours, theirs in [(x.grad, xr.grad), (layer.lora_A.weight.grad, A.grad), (layer.lora_B.weight.grad, B.grad),
+                         (layer.weight_m_wdecomp.weight.grad.view(-1), m.grad)]:
+        torch.testing.assert_close(ours.double(), theirs, atol=tol * theirs.abs().max().item(), rtol=tol)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_torch_compile_gives_the_same_outputs_and_gradients(p):
+    eager = make_layer(16, 12, 4, True, False, torch.float32, seed=6, p=p).train()
+    compiled_layer = make_layer(16, 12, 4, True, False, torch.float32, seed=6, p=p).train()
+    if p:  # the same mask in both, so the comparison is exact
+        mask = (torch.rand(5, 12) > p).float()
+        eager.lora_dropout = FixedMaskDropout(mask, p)
+        compiled_layer.lora_dropout = FixedMaskDropout(mask, p)
+    compiled = torch.compile(compiled_layer, backend="aot_eager", fullgraph=True)
+    x = torch.randn(5, 12)
+    y1, y2 = eager(x), compiled(x)
+    torch.testing.assert_close(y2, y1)
+    y1.sum().backward()
+    y2.sum().backward()
+    for (name, a), (_, b) in zip(eager.named_parameters(), compiled_layer.named_parameters()):
+        if a.requires_grad:
+            torch.testing.assert_close(b.grad, a.grad, msg=name)

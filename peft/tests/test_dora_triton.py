@@ -1,0 +1,402 @@
+"""The Triton kernels of ``dora_triton`` against float64 references, and DoraLinear on them.
+
+Without a GPU the kernels run in Triton's interpreter. ``TRITON_INTERPRET=1`` has to be set
+before triton is imported, so the checks run in one subprocess (this file as a script),
+which reports each check's outcome as JSON. On a machine with CUDA the same checks also
+run in-process on the GPU, plus bf16 and torch.compile checks. The torch fallback paths
+get the same checks in-process on CPU.
+
+Every check compares against float64 math on the very inputs the kernel saw, so the
+tolerances are a few roundings of the output dtype.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import traceback
+
+import pytest
+import torch
+from torch import nn
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SRC = os.path.join(os.path.dirname(HERE), "src")
+if SRC not in sys.path:  # as a script (the interpreter subprocess) there is no conftest
+    sys.path.insert(0, SRC)
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+from peft.tuners import dora_kernels  # noqa: E402
+from peft.tuners import dora_triton as dt  # noqa: E402
+
+from test_dora_layer import FixedMaskDropout, make_layer, reference_forward  # noqa: E402
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_CUDA = torch.cuda.is_available()
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+# Odd sizes on purpose: nothing is a multiple of a tile.
+T, OUT = 37, 50
+# Allowed error in units of the output dtype's epsilon (relative to the largest value).
+ULPS = {torch.float32: 16 * 2.0**-23, torch.bfloat16: 2 * 2.0**-8, torch.float16: 2 * 2.0**-10}
+
+
+def _close(ours, ref, dtype, scale=None, msg=""):
+    """ours (any dtype) equals the float64 ``ref`` to a few roundings of ``dtype``."""
+    tol = ULPS[dtype]
+    scale = ref.abs().max().item() if scale is None else scale
+    torch.testing.assert_close(ours.double(), ref, rtol=tol, atol=tol * max(scale, 1e-30), msg=msg)
+
+
+def _generator(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(*shape, dtype, device, gen):
+    return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+
+# ---- kernel checks (each takes the device; the caller decides which path is expected) -----
+def check_factored_norm(device):
+    for out_f, rank in [(OUT, 7), (33, 1), (20, 40), (9, 256)]:
+        gen = _generator(out_f * 1000 + rank)
+        A = torch.randn(rank, 24, generator=gen)
+        W = torch.randn(out_f, 24, generator=gen)
+        B = torch.randn(out_f, rank, generator=gen) * 0.3
+        W[3], B[3] = 0.0, 0.0  # an all-zero row of V: n = sqrt(eps)
+        w2, w_at, aat = W.pow(2).sum(1), W @ A.t(), A @ A.t()
+        eps, s = 1e-12, 0.7
+        n = dt.factored_norm(*(t.to(device) for t in (w2, w_at, B, aat)), s, eps)
+        assert n.dtype == torch.float32 and n.shape == (out_f,)
+        w2d, w_atd, Bd, aatd = (t.double() for t in (w2, w_at, B, aat))
+        sq = w2d + 2 * s * (Bd * w_atd).sum(1) + s * s * ((Bd @ aatd) * Bd).sum(1)
+        ref = sq.clamp_min(eps).sqrt()
+        # cancellation inside the sum: tolerance relative to the terms, not the result
+        terms = w2d + 2 * s * (Bd * w_atd).abs().sum(1) + s * s * ((Bd @ aatd.abs()).abs() * Bd.abs()).sum(1)
+        torch.testing.assert_close(n.cpu().double().pow(2), ref.pow(2), rtol=1e-5, atol=1e-5 * terms.max().item(),
+                                   msg=f"out={out_f} r={rank}")
+        assert n[3].item() == pytest.approx(eps**0.5, rel=1e-5)
+
+
+def check_scale_columns(device):
+    for dtype in (torch.float32, torch.bfloat16):
+        for with_bias in (False, True):
+            gen = _generator(1 + with_bias)
+            h = _randn(T, OUT, dtype=dtype, device=device, gen=gen)
+            g = _randn(OUT, dtype=torch.float32, device=device, gen=gen)
+            bias = _randn(OUT, dtype=dtype, device=device, gen=gen) if with_bias else None
+            ref = h.double() * g.double() + (bias.double() if with_bias else 0)
+            msg = f"{dtype} bias={with_bias}"
+            kept = h.clone()
+            y = dt.scale_columns_(h, g, bias, out=torch.empty_like(h))
+            assert torch.equal(h, kept), "out= must leave h intact"
+            _close(y, ref, dtype, msg=msg)
+            y = dt.scale_columns_(h, g, bias)
+            assert y.data_ptr() == h.data_ptr() and y.dtype == dtype
+            _close(y, ref, dtype, msg=msg + " in place")
+            # a strided (transposed) h: in place must still land in h
+            h_t = kept.t().contiguous().t()
+            y = dt.scale_columns_(h_t, g, bias)
+            assert y is h_t
+            _close(h_t, ref, dtype, msg=msg + " strided")
+
+
+def check_compose_dropout_forward(device):
+    for dtype in (torch.float32, torch.bfloat16):
+        for with_q in (False, True):
+            for with_bias in (False, True):
+                gen = _generator(10 + 2 * with_q + with_bias)
+                base, p, q = (_randn(T, OUT, dtype=dtype, device=device, gen=gen) for _ in range(3))
+                g = 0.5 + torch.rand(OUT, generator=gen).to(device)
+                g1 = g - 1
+                bias = _randn(OUT, dtype=dtype, device=device, gen=gen) if with_bias else None
+                qd = q.double() if with_q else torch.zeros_like(p, dtype=torch.float64)
+                ref_y = base.double() + g1.double() * p.double() + g.double() * qd
+                if with_bias:
+                    ref_y = ref_y + bias.double()
+                ref_h = p.double() + qd
+                y, h_drop = dt.compose_dropout_forward(base, p, q if with_q else None, g, g1, bias)
+                msg = f"{dtype} q={with_q} bias={with_bias}"
+                assert y.dtype == dtype and h_drop.dtype == dtype and y.shape == (T, OUT)
+                # y's terms are rounded once each on the torch path: scale by their sizes
+                scale = (base.double().abs() + p.double().abs() + qd.abs()).max().item()
+                _close(y, ref_y, dtype, scale=2 * scale, msg=msg)
+                _close(h_drop, ref_h, dtype, msg=msg + " h_drop")
+
+
+def check_compose_backward(device):
+    for dtype in (torch.float32, torch.bfloat16):
+        for with_g1 in (False, True):
+            for divide in (False, True):
+                gen = _generator(20 + 2 * with_g1 + divide)
+                dy, saved = (_randn(T, OUT, dtype=dtype, device=device, gen=gen) for _ in range(2))
+                g = 0.5 + torch.rand(OUT, generator=gen).to(device)
+                g[4] = 0.0
+                if divide:  # as in the layer: saved = y = g * h is 0 where g is 0
+                    saved[:, 4] = 0
+                g1 = g - 1
+                dyg, dyg1, grad_g = dt.compose_backward(dy, saved, g, g1 if with_g1 else None, divide)
+                msg = f"{dtype} g1={with_g1} divide={divide}"
+                products = dy.double() * saved.double()
+                ref_g = products.sum(0)
+                if divide:
+                    ref_g = torch.where(g == 0, 0.0, ref_g / torch.where(g == 0, 1.0, g).double())
+                assert grad_g.dtype in (torch.float32, torch.float64) and grad_g.shape == (OUT,)
+                # The kernel multiplies and adds in fp32; the torch path rounds each product to
+                # the activation dtype first (no fp32 copy of [T, out]), then adds in fp32.
+                scale = (products.abs().sum(0) / (g.double().clamp_min(0.5) if divide else 1)).max().item()
+                product_dtype = torch.float32 if dt.use_triton(dy) else dtype
+                _close(grad_g, ref_g, product_dtype, scale=scale, msg=msg + " grad_g")
+                assert grad_g[4].item() == 0.0 or not divide
+                _close(dyg, dy.double() * g.double(), dtype, msg=msg + " dyg")
+                if with_g1:
+                    _close(dyg1, dy.double() * g1.double(), dtype, msg=msg + " dyg1")
+                else:
+                    assert dyg1 is None
+    # dy as autograd hands it over from .sum(): an expanded, stride-0 tensor
+    dy = torch.ones(1, 1, device=device).expand(T, OUT)
+    saved = torch.randn(T, OUT, generator=_generator(30)).to(device)
+    g = 0.5 + torch.rand(OUT, generator=_generator(31)).to(device)
+    dyg, _, grad_g = dt.compose_backward(dy, saved, g, need_dyg=False)
+    assert dyg is None
+    _close(grad_g, saved.double().sum(0), torch.float32, scale=saved.abs().sum(0).max().item())
+
+
+def check_compose_backward_multi_tile_programs(device):
+    """Programs that loop over several row tiles each, and several partial rows to add."""
+    previous = dt._REDUCTION_PROGRAMS
+    dt._REDUCTION_PROGRAMS = 3  # 300 rows: 10 tiles -> 3 programs of 4 tiles each
+    try:
+        gen = _generator(40)
+        dy, saved = (_randn(300, 20, dtype=torch.float32, device=device, gen=gen) for _ in range(2))
+        g = 0.5 + torch.rand(20, generator=gen).to(device)
+        dyg, _, grad_g = dt.compose_backward(dy, saved, g)
+        products = dy.double() * saved.double()
+        _close(grad_g, products.sum(0), torch.float32, scale=products.abs().sum(0).max().item())
+        _close(dyg, dy.double() * g.double(), torch.float32)
+        _, _, again = dt.compose_backward(dy, saved, g)
+        assert torch.equal(again, grad_g), "the column sums must be deterministic"
+    finally:
+        dt._REDUCTION_PROGRAMS = previous
+
+
+class _CountCalls:
+    """Wraps a dora_kernels dispatch function and counts its calls (proves the wiring)."""
+
+    def __init__(self, name):
+        self.name, self.fn, self.calls = name, getattr(dora_kernels, name), 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.fn(*args, **kwargs)
+
+
+LAYER_CASES = [  # (r, bias, simple, p, input lead dims)
+    (4, True, True, 0.0, (5,)),
+    (4, False, False, 0.0, (2, 3)),
+    (4, True, True, 0.3, (2, 3)),
+    (8, False, False, 0.3, (7,)),
+    (0, True, True, 0.3, (6,)),  # magnitude-only
+]
+
+
+def _run_layer(layer, x, dy):
+    for param in layer.parameters():
+        param.grad = None
+    x = x.detach().clone().requires_grad_(True)
+    y = layer(x)
+    y.backward(dy)
+    grads = {name: param.grad.clone() for name, param in layer.named_parameters() if param.grad is not None}
+    return y.detach(), x.grad, grads
+
+
+def check_layer_triton_path_equals_torch_path(device):
+    """DoraLinear forward + backward, fp32: the Triton path, the torch path, float64 math."""
+    for r, bias, simple, p, lead in LAYER_CASES:
+        layer = make_layer(OUT, 24, r, bias, simple, torch.float32, seed=50 + r, p=p).to(device).train()
+        gen = _generator(60 + r)
+        x = _randn(*lead, 24, dtype=torch.float32, device=device, gen=gen)
+        dy = _randn(*lead, OUT, dtype=torch.float32, device=device, gen=gen)
+        mask = None
+        if p:
+            mask = (torch.rand(*lead, 24, generator=gen) > p).float().to(device)
+            layer.lora_dropout = FixedMaskDropout(mask, p)
+        assert dt.use_triton(x)
+        counters = {name: _CountCalls(name) for name in ("scale_columns_", "compose_backward",
+                                                         "compose_dropout_forward")}
+        for name, counter in counters.items():
+            setattr(dora_kernels, name, counter)
+        try:
+            y_tri, gx_tri, grads_tri = _run_layer(layer, x, dy)
+        finally:
+            for name, counter in counters.items():
+                setattr(dora_kernels, name, counter.fn)
+        forward_fn = "compose_dropout_forward" if p else "scale_columns_"
+        assert counters[forward_fn].calls == 1 and counters["compose_backward"].calls == 1
+        with dt.triton_disabled():
+            assert not dt.use_triton(x)
+            y_ref, gx_ref, grads_ref = _run_layer(layer, x, dy)
+        case = f"r={r} bias={bias} simple={simple} p={p}"
+        tol = dict(rtol=2e-5, atol=2e-5 * y_ref.abs().max().item())
+        torch.testing.assert_close(y_tri, y_ref, **tol, msg=case + " y")
+        torch.testing.assert_close(gx_tri, gx_ref, rtol=2e-5, atol=2e-5 * gx_ref.abs().max().item(), msg=case)
+        assert grads_tri.keys() == grads_ref.keys()
+        for name in grads_ref:
+            torch.testing.assert_close(grads_tri[name], grads_ref[name], rtol=2e-5,
+                                       atol=2e-5 * grads_ref[name].abs().max().item(), msg=f"{case} {name}")
+        # and both against the dense float64 formula
+        f64 = lambda t: t.detach().double().requires_grad_(True)  # noqa: E731
+        W = layer.base_layer.weight.detach().double()
+        b = layer.base_layer.bias.detach().double() if bias else None
+        A, B = (f64(layer.lora_A.weight), f64(layer.lora_B.weight)) if r else (None, None)
+        m, xr = f64(layer.magnitude), f64(x)
+        x_drop = None if mask is None else xr * mask.double() / (1 - p)
+        ref = reference_forward(xr, W, b, A, B, m, layer.scaling, simple, x_drop)
+        ref.backward(dy.double())
+        torch.testing.assert_close(y_tri.double(), ref.detach(), rtol=2e-5, atol=2e-5 * ref.abs().max().item(),
+                                   msg=case + " vs float64")
+        torch.testing.assert_close(grads_tri["weight_m_wdecomp.weight"].view(-1).double(), m.grad, rtol=2e-5,
+                                   atol=2e-5 * m.grad.abs().max().item(), msg=case + " grad m vs float64")
+
+
+def check_layer_bf16_matches_float64(device):
+    """A bf16 base layer on the Triton path, within bf16 tolerance of float64 math."""
+    for p in (0.0, 0.25):
+        torch.manual_seed(70)
+        base = nn.Linear(48, OUT, bias=True).to(device=device, dtype=torch.bfloat16)
+        layer = dora_layer_cls()(base, r=8, lora_alpha=16, lora_dropout=p).train()
+        with torch.no_grad():
+            layer.lora_B.weight.normal_(0, 0.1)
+        gen = _generator(71)
+        x = _randn(T, 48, dtype=torch.bfloat16, device=device, gen=gen).requires_grad_(True)
+        mask = None
+        if p:
+            mask = (torch.rand(T, 48, generator=gen) > p).float().to(device)
+            layer.lora_dropout = FixedMaskDropout(mask, p)
+        assert dt.use_triton(x)
+        y = layer(x)
+        dy = torch.randn(y.shape, generator=gen).to(device=device, dtype=torch.bfloat16)
+        y.backward(dy)
+        f64 = lambda t: t.detach().double().requires_grad_(True)  # noqa: E731
+        W, b = layer.base_layer.weight.double(), layer.base_layer.bias.detach().double()
+        A, B, m, xr = (f64(t) for t in (layer.lora_A.weight, layer.lora_B.weight, layer.magnitude, x))
+        x_drop = None if mask is None else xr * mask.double() / (1 - p)
+        ref = reference_forward(xr, W, b, A, B, m, layer.scaling, True, x_drop)
+        ref.backward(dy.double())
+        tol = 3e-2
+        pairs = [(y, ref.detach(), "y"), (x.grad, xr.grad, "x"), (layer.lora_A.weight.grad, A.grad, "A"),
+                 (layer.lora_B.weight.grad, B.grad, "B"), (layer.weight_m_wdecomp.weight.grad.view(-1), m.grad, "m")]
+        for ours, theirs, name in pairs:
+            torch.testing.assert_close(ours.double(), theirs, rtol=tol, atol=tol * theirs.abs().max().item(),
+                                       msg=f"p={p} {name}")
+
+
+def dora_layer_cls():
+    from peft.tuners.dora import DoraLinear
+
+    return DoraLinear
+
+
+KERNEL_CHECKS = {
+    "factored_norm": check_factored_norm,
+    "scale_columns_": check_scale_columns,
+    "compose_dropout_forward": check_compose_dropout_forward,
+    "compose_backward": check_compose_backward,
+    "compose_backward_multi_tile_programs": check_compose_backward_multi_tile_programs,
+}
+LAYER_CHECKS = {
+    "layer_triton_path_equals_torch_path": check_layer_triton_path_equals_torch_path,
+    "layer_bf16_matches_float64": check_layer_bf16_matches_float64,
+}
+ALL_CHECKS = {**KERNEL_CHECKS, **LAYER_CHECKS}
+
+
+def _run_checks_as_script():
+    """The interpreter subprocess: run every check on CPU tensors, print {name: outcome}."""
+    results = {}
+    if not dt.use_triton(torch.empty(0)):
+        results["_setup"] = f"use_triton is False on CPU (TRITON_INTERPRET={dt.TRITON_INTERPRET})"
+    else:
+        for name, check in ALL_CHECKS.items():
+            try:
+                check("cpu")
+                results[name] = "ok"
+            except Exception:  # report and go on with the other checks
+                results[name] = traceback.format_exc()
+    print("RESULTS " + json.dumps(results))
+
+
+# ---- pytest -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def interpreter_results():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([SRC, HERE]))
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS ")]
+    assert proc.returncode == 0 and lines, f"interpreter run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    results = json.loads(lines[-1][len("RESULTS "):])
+    assert "_setup" not in results, results["_setup"]
+    return results
+
+
+@pytest.mark.parametrize("name", list(ALL_CHECKS))
+def test_kernel_under_triton_interpreter(interpreter_results, name):
+    assert interpreter_results[name] == "ok", interpreter_results[name]
+
+
+@pytest.mark.parametrize("name", list(KERNEL_CHECKS))
+def test_torch_fallback_path_has_the_same_semantics(name):
+    """The same checks on the torch path (what CPU runs without the interpreter)."""
+    with dt.triton_disabled():
+        assert not dt.use_triton(torch.empty(0))
+        KERNEL_CHECKS[name]("cpu")
+
+
+def test_use_triton_says_which_path():
+    cpu = torch.empty(0)
+    assert dt.use_triton(cpu) == (dt.TRITON_AVAILABLE and dt.TRITON_INTERPRET)
+    assert not dt.use_triton(cpu.double())  # float64 is never a kernel dtype
+    if HAS_CUDA:
+        assert dt.use_triton(cpu.cuda()) and dt.use_triton(cpu.cuda().bfloat16())
+        assert not dt.use_triton(cpu.cuda().double())
+        with dt.triton_disabled():
+            assert not dt.use_triton(cpu.cuda())
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", list(ALL_CHECKS))
+def test_kernel_on_gpu(name):
+    ALL_CHECKS[name]("cuda")
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_traces_the_triton_path_on_gpu(backend):
+    """The autograd functions with their Triton kernels inside torch.compile (no graph break)."""
+    gen = _generator(80)
+    W = torch.randn(OUT, 24, generator=gen).cuda()
+    bias = torch.randn(OUT, generator=gen).cuda()
+    A = torch.randn(4, 24, generator=gen).cuda().requires_grad_(True)
+    B = torch.randn(OUT, 4, generator=gen).cuda().requires_grad_(True)
+    m = (1 + torch.rand(OUT, generator=gen)).cuda().requires_grad_(True)
+    mask = (torch.rand(T, 24, generator=gen) > 0.3).float().cuda()
+
+    def loss(x):
+        n = (W + 0.5 * B @ A).norm(dim=1).detach()
+        g = m / n
+        y = dora_kernels.DoraLinearFunction.apply(x, W, bias, A, B, g, 0.5)
+        y = y + dora_kernels.DoraLinearFunction.apply(x, W, None, A, B, g, 0.5)
+        y = y + dora_kernels.DoraDropoutLinearFunction.apply(x, x * mask, W, bias, A, B, g, (m - n) / n, 0.5)
+        return y.pow(2).sum()
+
+    x = torch.randn(T, 24, generator=gen).cuda().requires_grad_(True)
+    eager = torch.autograd.grad(loss(x), (x, A, B, m))
+    compiled = torch.compile(loss, backend=backend, fullgraph=True)
+    ours = torch.autograd.grad(compiled(x), (x, A, B, m))
+    for a, b in zip(ours, eager):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+if __name__ == "__main__":
+    _run_checks_as_script()
