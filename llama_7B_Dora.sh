@@ -15,17 +15,7 @@ set -euo pipefail
 parse_train_args "$@"
 base_model='yahma/llama-7b-hf'
 data_path='commonsense_170k.json'
-micro_batch_size=$(micro_batch_for 16 16 "$GPU_IDS")
-require_train_data "$data_path"
-
-launch_train "$GPU_IDS" \
-    --base_model "$base_model" \
-    --data_path "$data_path" \
-    --output_dir "$OUTPUT_DIR" \
-    --batch_size 16 --micro_batch_size "$micro_batch_size" --num_epochs 3 \
-    --learning_rate 2e-4 --cutoff_len 256 --val_set_size 120 \
-    --eval_step 80 --save_step 80 --adapter_name dora \
-    --target_modules "$TARGETS_QKVUD" \
-    --lora_r "$LORA_R" --lora_alpha "$LORA_ALPHA" --use_gradient_checkpointing
+seed_train "$base_model" "$data_path" 16 2e-4 \
+    --target_modules "$TARGETS_QKVUD"
 
 evaluate_each_task "$GPU_IDS" LLaMA-7B DoRA "$base_model" "$OUTPUT_DIR"

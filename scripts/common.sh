@@ -199,6 +199,26 @@ launch_train() {
     fi
 }
 
+# seed_train BASE_MODEL DATA_PATH MICRO_BATCH LEARNING_RATE TARGET_FLAGS...: the seed's DoRA recipe
+# (global batch 16, 3 epochs, cutoff 256, val 120, eval/save every 80, gradient checkpointing) on
+# GPU_IDS, with LORA_R, LORA_ALPHA and OUTPUT_DIR from parse_train_args. TARGET_FLAGS are the
+# --target_modules (and --Wdecompose_target_modules) arguments.
+seed_train() {
+    local base_model=$1 data_path=$2 micro=$3 learning_rate=$4
+    shift 4
+    micro=$(micro_batch_for 16 "$micro" "$GPU_IDS")
+    require_train_data "$data_path"
+    launch_train "$GPU_IDS" \
+        --base_model "$base_model" \
+        --data_path "$data_path" \
+        --output_dir "$OUTPUT_DIR" \
+        --batch_size 16 --micro_batch_size "$micro" --num_epochs 3 \
+        --learning_rate "$learning_rate" --cutoff_len 256 --val_set_size 120 \
+        --eval_step 80 --save_step 80 --adapter_name dora \
+        "$@" \
+        --lora_r "$LORA_R" --lora_alpha "$LORA_ALPHA" --use_gradient_checkpointing
+}
+
 # evaluate_each_task GPU_IDS MODEL ADAPTER BASE_MODEL WEIGHTS_DIR: the original's eight
 # commonsense_evaluate.py calls (batch size 1, one task each, output appended to
 # WEIGHTS_DIR/<task>.txt), on the first GPU id only.
