@@ -82,6 +82,24 @@ def dora_linear_inference(x, weight, bias, lora_A, lora_B, scaling, g) -> torch.
     return h.add_(bias) if bias is not None else h
 
 
+def _linear_grads(scaled_dy, dyg, x_lora, xa, weight, lora_A, lora_B, s, x_shape, need_input, need_A, need_B):
+    """The matmul part of both backwards: the input's gradient scaled_dy W + s (dyg B) A, and
+    grad_A = s (dyg B)^T x_lora, grad_B = s dyg^T (x_lora A^T), where dyg = dy * g."""
+    has_lora = lora_A is not None
+    grad_input = grad_A = grad_B = None
+    dyg_b = dyg @ lora_B.to(dyg.dtype) if has_lora and (need_input or need_A) else None  # [T, r]
+    if need_input:
+        grad_input = scaled_dy @ weight
+        if has_lora:
+            grad_input = grad_input.addmm_(dyg_b, lora_A.to(dyg.dtype), alpha=s)
+        grad_input = grad_input.view(x_shape)
+    if has_lora and need_B:
+        grad_B = (dyg.t() @ xa).mul_(s).to(lora_B.dtype)
+    if has_lora and need_A:
+        grad_A = (dyg_b.t() @ x_lora).mul_(s).to(lora_A.dtype)
+    return grad_input, grad_A, grad_B
+
+
 class DoraLinearFunction(torch.autograd.Function):
     """y = g * (x W^T + s x A^T B^T) + b  (no dropout). See the module docstring."""
 
@@ -121,19 +139,9 @@ class DoraLinearFunction(torch.autograd.Function):
         # saved tensor is y = g * h, so sum(dy * y) / g (rows with g = 0 have h = 0 there)
         dyg, _, grad_g = compose_backward(dy2, saved, g, divide_by_g=not ctx.has_bias)
         grad_g = grad_g.to(g.dtype) if need_g else None
-        grad_x = grad_A = grad_B = None
-        dyg_b = None
-        if ctx.has_lora and (need_x or need_A):
-            dyg_b = dyg @ lora_B.to(dtype)  # [T, r]
-        if need_x:
-            grad_x = dyg @ weight
-            if ctx.has_lora:
-                grad_x = grad_x.addmm_(dyg_b, lora_A.to(dtype), alpha=s)
-            grad_x = grad_x.view(ctx.x_shape)
-        if ctx.has_lora and need_B:
-            grad_B = (dyg.t() @ xa).mul_(s).to(lora_B.dtype)
-        if ctx.has_lora and need_A:
-            grad_A = (dyg_b.t() @ x2).mul_(s).to(lora_A.dtype)
+        grad_x, grad_A, grad_B = _linear_grads(
+            dyg, dyg, x2, xa, weight, lora_A, lora_B, s, ctx.x_shape, need_x, need_A, need_B
+        )
         grad_bias = dy2.sum(dim=0).to(dtype) if need_bias else None
         return grad_x, None, grad_bias, grad_A, grad_B, grad_g, None
 
@@ -173,17 +181,9 @@ class DoraDropoutLinearFunction(torch.autograd.Function):
         )
         grad_g = grad_g.to(g.dtype) if (need_g or need_g1) else None
         grad_x = (dy2 @ weight).view(ctx.x_shape) if need_x else None
-        grad_xd = grad_A = grad_B = None
-        dyg_b = dyg @ lora_B.to(dtype) if ctx.has_lora and (need_xd or need_A) else None
-        if need_xd:
-            grad_xd = dyg1 @ weight
-            if ctx.has_lora:
-                grad_xd = grad_xd.addmm_(dyg_b, lora_A.to(dtype), alpha=s)
-            grad_xd = grad_xd.view(ctx.x_shape)
-        if ctx.has_lora and need_B:
-            grad_B = (dyg.t() @ xa).mul_(s).to(lora_B.dtype)
-        if ctx.has_lora and need_A:
-            grad_A = (dyg_b.t() @ xd2).mul_(s).to(lora_A.dtype)
+        grad_xd, grad_A, grad_B = _linear_grads(
+            dyg1, dyg, xd2, xa, weight, lora_A, lora_B, s, ctx.x_shape, need_xd, need_A, need_B
+        )
         grad_bias = dy2.sum(dim=0).to(dtype) if need_bias else None
         # g and g1 = g - 1 share every upstream gradient: report the sum once, on g.
         if not need_g:
