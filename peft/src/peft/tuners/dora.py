@@ -42,7 +42,6 @@ from dataclasses import dataclass
 from typing import Iterable, List, Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import AdapterConfigError, PeftType
@@ -96,8 +95,8 @@ def rowwise_base_times(weight: torch.Tensor, right: torch.Tensor) -> torch.Tenso
 def rowwise_sq_norm(weight: torch.Tensor) -> torch.Tensor:
     """||W||^2 per row in at least fp32, with the same blockwise upcast."""
     dtype = accumulation_dtype(weight)
-    if weight.dtype == dtype:
-        return weight.pow(2).sum(dim=1)
+    if weight.dtype == dtype:  # a reduction kernel: no squared copy of W
+        return torch.linalg.vector_norm(weight, dim=1).square()
     rows = max(1, _FP32_CHUNK_ELEMENTS // weight.shape[1])
     return torch.cat([block.to(dtype).pow(2).sum(dim=1) for block in weight.split(rows)])
 
@@ -215,12 +214,6 @@ class DoraLinear(AdapterLayer):
         self._weight_sq_norm_cache = None
 
     # ---- forward -----------------------------------------------------------------------
-    def lora_branch(self, x: torch.Tensor) -> torch.Tensor:
-        """s * B A x, computed in x's dtype (the small weights are cast, not x)."""
-        a = self.lora_A.weight.to(x.dtype)
-        b = self.lora_B.weight.to(x.dtype)
-        return F.linear(F.linear(x, a), b) * self.scaling
-
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The module docstring's equations, computed by ``dora_kernels`` (one base matmul
         without dropout, two with it; no out x in temporary)."""
