@@ -8,7 +8,9 @@ Same flags and output files as NVlabs/DoRA commonsense_evaluate.py, e.g.
 writes experiment/LLaMA-7B-DoRA-boolq.json (per-example predictions) and
 experiment/LLaMA-7B-DoRA-boolq.summary.json. Additions: --dataset takes a comma
 list or "all" (the model is loaded once), --adapter none evaluates the base
-model, --limit N evaluates the first N rows, and an interrupted run resumes.
+model, --limit N evaluates the first N rows, an interrupted run resumes, and
+--mode loglik ranks the answer continuations by log-likelihood instead of
+generating (files end in -loglik.json; --mode generate, the original, is the default).
 
 Bad input prints one "error: ..." line to stderr and exits with status 2
 (status 1 for unexpected failures); --debug shows the traceback instead.
@@ -42,7 +44,7 @@ def _positive_int(text):
 
 
 def parse_args(argv=None):
-    from commonsense.evaluation import MODEL_NAMES
+    from commonsense.evaluation import MODEL_NAMES, MODES
 
     parser = _OneLineErrorParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", required=True,
@@ -57,6 +59,9 @@ def parse_args(argv=None):
     parser.add_argument("--limit", type=_positive_int, default=None, help="evaluate only the first N rows")
     parser.add_argument("--output_dir", default="experiment")
     parser.add_argument("--dataset_dir", default=str(REPO_ROOT / "dataset"))
+    parser.add_argument("--mode", choices=MODES, default="generate",
+                        help="generate: beam search + answer regex (the original); "
+                             "loglik: pick the most likely answer continuation")
     parser.add_argument("--no_eos_stop", action="store_true",
                         help="always generate 32 tokens, as transformers 4.36 did in the original")
     parser.add_argument("--verbose", action="store_true", help="print every example, as the original")
@@ -80,6 +85,7 @@ def validate_inputs(args):
 
 
 def print_table(summaries):
+    print(f"mode: {summaries[0].get('mode', 'generate')}")
     print(f"{'task':<12} {'n':>6} {'correct':>8} {'accuracy':>9}")
     for s in summaries:
         print(f"{s['task']:<12} {s['n']:>6} {s['correct']:>8} {100 * s['accuracy']:>8.1f}%")
@@ -99,7 +105,7 @@ def run(args):
     summaries = evaluate_tasks(
         model, tokenizer, tasks, run=run_info, dataset_dir=args.dataset_dir, output_dir=args.output_dir,
         batch_size=args.batch_size, limit=args.limit,
-        settings=GenerationSettings(stop_at_eos=not args.no_eos_stop), verbose=args.verbose,
+        settings=GenerationSettings(stop_at_eos=not args.no_eos_stop), mode=args.mode, verbose=args.verbose,
     )
     print("test finished")
     if len(summaries) > 1:

@@ -26,10 +26,17 @@ Deliberate differences, all about correctness or robustness, none about scoring:
 * results are written atomically, finished examples are logged to
   ``{out}.partial.jsonl`` so an interrupted run resumes where it stopped, and a
   small ``{out stem}.summary.json`` records accuracy and run settings.
+
+A second mode, ``mode="loglik"`` (not in the original), ranks the task's answer
+continuations ("the correct answer is answerN", :meth:`Task.continuation`) by
+their log-likelihood after the same prompt instead of generating; see
+:func:`score_choices`. Its files are ``{model}-{adapter}-{dataset}-loglik.json``
+(+ ``.summary.json`` with ``"mode": "loglik"``), so both modes can coexist.
 """
 import copy
 import dataclasses
 import os
+import re
 import sys
 import time
 from datetime import datetime, timezone
@@ -50,6 +57,12 @@ PEFT_SRC = REPO_ROOT / "peft" / "src"
 ADAPTERS = ("LoRA", "DoRA", "none")
 MODEL_NAMES = ("LLaMA-7B", "LLaMA-13B", "LLaMA2-7B", "LLaMA3-8B", "SmolLM2-135M")
 MODE = "generate"  # the summary's "mode": free generation + regex, as the original
+LOGLIK = "loglik"  # rank the answer continuations by log-likelihood
+MODES = (MODE, LOGLIK)
+# Number of answer choices in the data for tasks with a fixed count (the label
+# lists allow more, e.g. answer1..5 for SIQA/OBQA, to match the original regex).
+# ARC varies (3-5 answers) and is read from each instruction.
+FIXED_CHOICES = {"boolq": 2, "piqa": 2, "winogrande": 2, "hellaswag": 4, "social_i_qa": 3, "openbookqa": 4}
 
 
 class EvaluationError(ValueError):
@@ -111,9 +124,16 @@ def resolve_task_names(spec: str) -> list:
     return names
 
 
-def result_path(output_dir, run: RunInfo, task_name: str) -> Path:
-    """experiment/{model}-{adapter}-{dataset}.json, the original's file name."""
-    return Path(output_dir) / f"{run.model_name}-{run.adapter}-{task_name}.json"
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise EvaluationError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    return mode
+
+
+def result_path(output_dir, run: RunInfo, task_name: str, mode: str = MODE) -> Path:
+    """experiment/{model}-{adapter}-{dataset}.json (the original's name); "-loglik" is appended in loglik mode."""
+    suffix = "" if check_mode(mode) == MODE else f"-{mode}"
+    return Path(output_dir) / f"{run.model_name}-{run.adapter}-{task_name}{suffix}.json"
 
 
 def summary_path(out_path) -> Path:
@@ -268,17 +288,129 @@ def score_row(task_name: str, row: dict, response: str) -> dict:
     return scored
 
 
+# --------------------------------------------------------------------------- log-likelihood scoring
+
+def choice_labels(task_name: str, instruction: str) -> list:
+    """The label words that are valid answers for this example.
+
+    Fixed-size tasks use the first FIXED_CHOICES labels; ARC lists 3-5 answers as
+    "Answer1: ... Answer5: ..." (and "Answer format: answer1/.../answerN"), so the
+    labels whose number appears there are used.
+    """
+    task = get_task(task_name)
+    if task.name in FIXED_CHOICES:
+        return list(task.labels[:FIXED_CHOICES[task.name]])
+    present = {int(n) for n in re.findall(r"\banswer(\d)\b", instruction, flags=re.IGNORECASE)}
+    labels = [label for label in task.labels if int(label[-1]) in present]
+    if len(labels) < 2:
+        raise EvaluationError(f"{task.name}: cannot find the answer choices in instruction {instruction[:80]!r}")
+    return labels
+
+
+def continuation_ids(tokenizer, prompt: str, continuation: str):
+    """(token ids of prompt+continuation, index of the first continuation token).
+
+    The concatenated text is tokenized as a whole (that is what the model saw in
+    training) and the boundary comes from tokenizing the prompt alone. If the
+    prompt's tokens are not a prefix of the whole (a merge across the boundary,
+    e.g. the prompt's trailing space joining "the"), scoring starts at the first
+    differing token; that token's text is the same for all choices, so the
+    ranking by summed log-probability is unaffected.
+    """
+    full = tokenizer(prompt + continuation)["input_ids"]
+    head = tokenizer(prompt)["input_ids"]
+    start = 0
+    while start < min(len(head), len(full) - 1) and head[start] == full[start]:
+        start += 1
+    # At least one token must precede the scored ones (it predicts the first).
+    return list(full), max(start, 1)
+
+
+def _supports_logits_to_keep(model) -> bool:
+    import inspect
+
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def score_choices(model, tokenizer, task_name: str, instructions) -> list:
+    """Log-likelihood of each valid answer continuation, for a batch of instructions.
+
+    Returns, per instruction, ``{label: {"sum": float, "mean": float, "tokens": int}}``
+    where "sum" is the summed log-probability of the continuation tokens given the
+    evaluation prompt and "mean" that sum per token. Predictions use the **sum**:
+    all continuations share "the correct answer is ", so only the label tokens
+    differ and a per-token mean would just dilute the difference by a constant-ish
+    length.
+
+    All (instruction x choice) sequences go through one forward pass, left-padded
+    (pad = tokenizer.pad_token_id) with an attention mask and explicit position ids,
+    so padding does not change the scores. Left padding aligns the sequence ends,
+    where the continuations are, so only the last few positions need logits.
+    """
+    task = get_task(task_name)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    items = []  # (instruction index, label, ids, start)
+    for i, instruction in enumerate(instructions):
+        prompt = evaluation_prompt(instruction)
+        for label in choice_labels(task.name, instruction):
+            ids, start = continuation_ids(tokenizer, prompt, task.continuation(label))
+            items.append((i, label, ids, start))
+    width = max(len(ids) for _, _, ids, _ in items)
+    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for row, (_, _, ids, _) in enumerate(items):
+        input_ids[row, width - len(ids):] = torch.tensor(ids)
+        mask[row, width - len(ids):] = 1
+    # Positions count real tokens only, so a padded sequence sees the same positions as unpadded.
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    # Logits are needed for the last `keep` positions only: position t predicts token t+1.
+    keep = max(len(ids) - start for _, _, ids, start in items) + 1
+    device = _model_device(model)
+    kwargs = {"logits_to_keep": keep} if _supports_logits_to_keep(model) else {}
+    with torch.no_grad():
+        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                       position_ids=positions.to(device), **kwargs).logits
+    logits = logits[:, -keep:].float()  # fp32 log_softmax even for fp16 models
+    logprobs = torch.log_softmax(logits[:, :-1], dim=-1)  # predicts the last keep-1 tokens
+    targets = input_ids[:, width - keep + 1:].to(logprobs.device)
+    token_logprobs = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
+    results = [{} for _ in instructions]
+    for row, (i, label, ids, start) in enumerate(items):
+        n = len(ids) - start
+        total = float(token_logprobs[row, -n:].sum())
+        results[i][label] = {"sum": total, "mean": total / n, "tokens": n}
+    return results
+
+
+def score_row_loglik(task_name: str, row: dict, scores: dict) -> dict:
+    """Copy of `row` with output_pred (chosen continuation), pred, flag and the per-label scores."""
+    task = get_task(task_name)
+    pred = max(scores, key=lambda label: scores[label]["sum"])  # ties: first label wins
+    scored = copy.deepcopy(row)
+    scored["output_pred"] = task.continuation(pred)
+    scored["pred"] = pred
+    scored["flag"] = row.get("answer") == pred
+    scored["scores"] = {label: s["sum"] for label, s in scores.items()}
+    scored["scores_mean"] = {label: s["mean"] for label, s in scores.items()}
+    return scored
+
+
 # --------------------------------------------------------------------------- resume log
 
-def _fingerprint(task_name: str, run: RunInfo, settings: GenerationSettings) -> dict:
+def _fingerprint(task_name: str, run: RunInfo, settings: GenerationSettings, mode: str = MODE) -> dict:
     # What must match for logged examples to be reused. Batch size and limit are
     # left out on purpose: results do not depend on them (batching is exact).
     return {
         "task": task_name,
+        "mode": mode,
         "base_model": None if run.base_model is None else str(run.base_model),
         "lora_weights": None if run.lora_weights is None else str(run.lora_weights),
         "adapter": run.adapter,
-        "generation": settings.to_dict(),
+        # Decoding settings do not affect loglik scores.
+        "generation": settings.to_dict() if mode == MODE else None,
     }
 
 
@@ -326,11 +458,14 @@ def evaluate_task(
     limit=None,
     run: RunInfo = None,
     settings: GenerationSettings = None,
+    mode: str = MODE,
     verbose=False,
     progress=True,
 ) -> dict:
     """Evaluate one task; write the result JSON and its summary; return the summary.
 
+    `mode` is "generate" (the original protocol) or "loglik" (:func:`score_choices`;
+    `batch_size` then counts examples, each expanded to its choices in one forward).
     `limit` keeps the first N rows. Finished examples are logged to
     `{out_path}.partial.jsonl` after each batch; a rerun with the same run
     settings skips them, and the log is removed once the result JSON is written.
@@ -338,6 +473,7 @@ def evaluate_task(
     task = get_task(task_name)
     run = run or RunInfo()
     settings = settings or GenerationSettings()
+    check_mode(mode)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise EvaluationError(f"batch_size must be a positive integer, got {batch_size!r}")
     if limit is not None and (not isinstance(limit, int) or limit < 1):
@@ -349,7 +485,7 @@ def evaluate_task(
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     partial = partial_path(out_path)
-    fingerprint = _fingerprint(task.name, run, settings)
+    fingerprint = _fingerprint(task.name, run, settings, mode)
     finished = load_finished(partial, fingerprint, rows)
     _restart_log(partial, fingerprint, finished)
     if finished:
@@ -365,10 +501,16 @@ def evaluate_task(
             todo = [i for i in indices if i not in finished]
             if not todo:
                 continue
-            responses = generate_responses(model, tokenizer, [rows[i]["instruction"] for i in todo], settings)
+            instructions = [rows[i]["instruction"] for i in todo]
+            if mode == LOGLIK:
+                scored_rows = [score_row_loglik(task.name, rows[i], scores) for i, scores in
+                               zip(todo, score_choices(model, tokenizer, task.name, instructions))]
+            else:
+                responses = generate_responses(model, tokenizer, instructions, settings)
+                scored_rows = [score_row(task.name, rows[i], response) for i, response in zip(todo, responses)]
             new_records = []
-            for index, response in zip(todo, responses):
-                scored = score_row(task.name, rows[index], response)
+            for index, scored in zip(todo, scored_rows):
+                response = scored["output_pred"]
                 finished[index] = scored
                 correct += scored["flag"]
                 new_records.append({"index": index, "result": scored})
@@ -390,7 +532,7 @@ def evaluate_task(
         "adapter": run.adapter,
         "dataset": task.name,
         "task": task.display_name,
-        "mode": MODE,
+        "mode": mode,
         "accuracy": correct / len(rows),
         "correct": correct,
         "n": len(rows),
@@ -398,7 +540,9 @@ def evaluate_task(
         "batch_size": batch_size,
         "base_model": None if run.base_model is None else str(run.base_model),
         "lora_weights": None if run.lora_weights is None else str(run.lora_weights),
-        "generation": settings.to_dict(),
+        "generation": settings.to_dict() if mode == MODE else None,
+        **({"loglik": {"score": "sum of continuation token log-probs", "continuation": task.answer_template}}
+           if mode == LOGLIK else {}),
         "resumed_examples": resumed,
         "elapsed_s": round(time.perf_counter() - started, 3),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -421,6 +565,7 @@ def evaluate_tasks(
     batch_size=1,
     limit=None,
     settings: GenerationSettings = None,
+    mode: str = MODE,
     verbose=False,
     progress=True,
 ) -> list:
@@ -433,8 +578,8 @@ def evaluate_tasks(
     rows_by_task = {name: load_rows(dataset_file(dataset_dir, name), task=name) for name in names}
     return [
         evaluate_task(
-            model, tokenizer, name, rows_by_task[name], batch_size, result_path(output_dir, run, name),
-            limit=limit, run=run, settings=settings, verbose=verbose, progress=progress,
+            model, tokenizer, name, rows_by_task[name], batch_size, result_path(output_dir, run, name, mode),
+            limit=limit, run=run, settings=settings, mode=mode, verbose=verbose, progress=progress,
         )
         for name in names
     ]

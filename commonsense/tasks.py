@@ -15,6 +15,13 @@ class Task:
     name: str  # dataset name: CLI value and folder under dataset/
     display_name: str  # column header in the paper's table
     labels: tuple  # label words, in the order of the original regex alternation
+    # The fine-tuning targets ("output" in the data) are this template filled with the
+    # label word; loglik evaluation scores exactly these continuations.
+    answer_template: str = "the correct answer is {label}"
+
+    def continuation(self, label: str) -> str:
+        """The trained answer text for `label`, e.g. "the correct answer is answer2"."""
+        return self.answer_template.format(label=label)
 
     @property
     def answer_pattern(self) -> "re.Pattern":

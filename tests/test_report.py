@@ -17,11 +17,13 @@ FULL_RUN = {"boolq": 0.70, "piqa": 0.80, "social_i_qa": 0.75, "hellaswag": 0.85,
 PARTIAL_RUN = {"boolq": 0.5, "piqa": 0.25}
 
 
-def write_summary(folder: Path, model, adapter, dataset, accuracy, n=100, finished_at="2024-01-01T00:00:00+00:00"):
+def write_summary(folder: Path, model, adapter, dataset, accuracy, n=100, finished_at="2024-01-01T00:00:00+00:00",
+                  mode="generate"):
     summary = {"model": model, "adapter": adapter, "dataset": dataset, "task": TASKS[dataset].display_name,
-               "mode": "generate", "accuracy": accuracy, "correct": round(accuracy * n), "n": n, "limit": None,
+               "mode": mode, "accuracy": accuracy, "correct": round(accuracy * n), "n": n, "limit": None,
                "batch_size": 1, "base_model": "b", "lora_weights": "w", "elapsed_s": 1.0, "finished_at": finished_at}
-    (folder / f"{model}-{adapter}-{dataset}.summary.json").write_text(json.dumps(summary, indent=4))
+    suffix = "" if mode == "generate" else f"-{mode}"  # as commonsense.evaluation.result_path
+    (folder / f"{model}-{adapter}-{dataset}{suffix}.summary.json").write_text(json.dumps(summary, indent=4))
 
 
 @pytest.fixture
@@ -104,3 +106,15 @@ def test_cli_rebuilds_from_files(experiment):
                               str(experiment / "nope")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2
     assert missing.stderr.strip().startswith("error: ") and len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_loglik_runs_are_separate_labelled_rows(experiment):
+    write_summary(experiment, "LLaMA-7B", "DoRA", "boolq", 0.9, mode="loglik")
+    runs = collect_runs(load_summaries(experiment))
+    assert [(r.model, r.adapter, r.mode) for r in runs] == [
+        ("LLaMA-7B", "DoRA", "generate"), ("LLaMA-7B", "DoRA", "loglik"), ("SmolLM2-135M", "none", "generate")]
+    assert runs[0].accuracy("boolq") == 0.70  # generate numbers untouched by the loglik file
+    assert runs[1].label == "LLaMA-7B DoRA (loglik)" and runs[0].label == "LLaMA-7B DoRA"
+    lines = [line for line in markdown_table(runs).splitlines() if line.startswith("| LLaMA-7B | DoRA |")]
+    assert [line.split("|")[3].strip() for line in lines] == ["generate", "loglik"]
+    assert "| LLaMA-7B | DoRA | loglik | 100 | 90.0 |" in markdown_table(runs)

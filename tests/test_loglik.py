@@ -1,0 +1,211 @@
+"""Log-likelihood (choice ranking) evaluation on a tiny random LLaMA."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from commonsense import evaluation
+from commonsense.evaluation import (
+    RunInfo,
+    choice_labels,
+    continuation_ids,
+    evaluate_task,
+    load_model_for_eval,
+    partial_path,
+    result_path,
+    score_choices,
+    summary_path,
+)
+from commonsense.prompts import evaluation_prompt
+from commonsense.tasks import get_task
+
+from tiny_models import build_tiny_llama
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def arc_instruction(n_choices: int, stem: str = "Which is a gas?") -> str:
+    answers = " ".join(f"Answer{k}: thing {k}." for k in range(1, n_choices + 1))
+    fmt = "/".join(f"answer{k}" for k in range(1, n_choices + 1))
+    return f"Please choose the correct answer to the question: {stem}\n\n{answers}\n\nAnswer format: {fmt}"
+
+
+PIQA = [
+    "Please choose the correct solution to the question: open a jar\n\nSolution1: twist\n\nSolution2: cut",
+    "Q?",
+    "Please choose the correct solution to the question: how do you keep bread fresh for a long time in summer",
+    "x",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+    model, tokenizer = load_model_for_eval(str(folder), adapter="none")
+    return folder, model, tokenizer
+
+
+def reference_scores(model, tokenizer, task_name, instruction):
+    """Each choice on its own: one unpadded forward, full log_softmax, sum over continuation tokens."""
+    task = get_task(task_name)
+    prompt = evaluation_prompt(instruction)
+    scores = {}
+    for label in choice_labels(task_name, instruction):
+        ids, start = continuation_ids(tokenizer, prompt, task.continuation(label))
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        scores[label] = sum(float(logprobs[t - 1, ids[t]]) for t in range(start, len(ids)))
+    return scores
+
+
+def rows_for(task_name, instructions, answers):
+    return [{"instruction": ins, "input": "", "output": "the correct answer is " + ans, "answer": ans}
+            for ins, ans in zip(instructions, answers)]
+
+
+# --------------------------------------------------------------------------- scoring
+
+def test_continuation_template_matches_training_outputs():
+    for name, label in [("boolq", "true"), ("piqa", "solution1"), ("hellaswag", "ending3"),
+                        ("winogrande", "option1"), ("social_i_qa", "answer2"), ("ARC-Easy", "answer4")]:
+        assert get_task(name).continuation(label) == f"the correct answer is {label}"
+    rows = json.loads((REPO_ROOT / "dataset" / "piqa" / "test.json").read_text())[:3]
+    assert all(r["output"] == get_task("piqa").continuation(r["answer"]) for r in rows)
+
+
+def test_continuation_tokens_follow_the_prompt(tiny):
+    _, _, tokenizer = tiny
+    prompt = evaluation_prompt("Q?")
+    ids, start = continuation_ids(tokenizer, prompt, "the correct answer is true")
+    assert ids[:start] == tokenizer(prompt)["input_ids"]  # byte-level: the boundary is exact
+    assert tokenizer.decode(ids[start:]) == "the correct answer is true"
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_scores_match_unpadded_reference(tiny, batch_size):
+    _, model, tokenizer = tiny
+    got = []
+    for start in range(0, len(PIQA), batch_size):  # very different lengths -> heavy left padding
+        got += score_choices(model, tokenizer, "piqa", PIQA[start:start + batch_size])
+    for instruction, scores in zip(PIQA, got):
+        expected = reference_scores(model, tokenizer, "piqa", instruction)
+        assert set(scores) == set(expected) == {"solution1", "solution2"}
+        for label, value in expected.items():
+            assert abs(scores[label]["sum"] - value) < 1e-4, (label, scores[label]["sum"], value)
+            assert scores[label]["mean"] == pytest.approx(scores[label]["sum"] / scores[label]["tokens"])
+
+
+def test_arc_scores_only_present_choices(tiny):
+    _, model, tokenizer = tiny
+    three, five = arc_instruction(3), arc_instruction(5, "Which of these is the largest planet in our system?")
+    assert choice_labels("ARC-Challenge", three) == ["answer1", "answer2", "answer3"]
+    assert choice_labels("ARC-Easy", five) == ["answer1", "answer2", "answer3", "answer4", "answer5"]
+    assert choice_labels("social_i_qa", five) == ["answer1", "answer2", "answer3"]  # fixed count
+    assert choice_labels("openbookqa", three) == ["answer1", "answer2", "answer3", "answer4"]
+    got = score_choices(model, tokenizer, "ARC-Challenge", [three, five])
+    assert list(got[0]) == ["answer1", "answer2", "answer3"] and len(got[1]) == 5
+    for instruction, scores in zip([three, five], got):
+        expected = reference_scores(model, tokenizer, "ARC-Challenge", instruction)
+        assert all(abs(scores[k]["sum"] - v) < 1e-4 for k, v in expected.items())
+
+
+def test_real_arc_rows_have_3_to_5_choices():
+    for name in ("ARC-Easy", "ARC-Challenge"):
+        rows = json.loads((REPO_ROOT / "dataset" / name / "test.json").read_text())
+        counts = {len(choice_labels(name, r["instruction"])) for r in rows}
+        assert counts <= {3, 4, 5} and 4 in counts
+        assert all(r["answer"] in choice_labels(name, r["instruction"]) for r in rows)
+
+
+# --------------------------------------------------------------------------- evaluation files
+
+def test_loglik_task_writes_files_and_prediction_is_argmax(tiny, tmp_path):
+    _, model, tokenizer = tiny
+    rows = rows_for("piqa", PIQA, ["solution1", "solution2", "solution1", "solution2"])
+    out = result_path(tmp_path, RunInfo("LLaMA-7B", "DoRA"), "piqa", "loglik")
+    assert out.name == "LLaMA-7B-DoRA-piqa-loglik.json"
+    assert result_path(tmp_path, RunInfo("LLaMA-7B", "DoRA"), "piqa").name == "LLaMA-7B-DoRA-piqa.json"
+    summary = evaluate_task(model, tokenizer, "piqa", rows, 3, out, mode="loglik", progress=False)
+    results = json.loads(out.read_text())
+    assert len(results) == 4
+    for row, result in zip(rows, results):
+        scores = result["scores"]
+        assert set(scores) == {"solution1", "solution2"}
+        assert result["pred"] == max(scores, key=scores.get)
+        assert result["output_pred"] == "the correct answer is " + result["pred"]
+        assert result["flag"] == (result["pred"] == row["answer"])
+        assert set(result["scores_mean"]) == set(scores)
+    assert summary["mode"] == "loglik" and summary["generation"] is None
+    assert summary["correct"] == sum(r["flag"] for r in results)
+    assert json.loads(summary_path(out).read_text()) == summary
+    assert summary_path(out).name == "LLaMA-7B-DoRA-piqa-loglik.summary.json"
+    assert not partial_path(out).exists()
+
+
+def test_bad_mode(tmp_path):
+    with pytest.raises(evaluation.EvaluationError, match="unknown mode"):
+        evaluate_task(None, None, "boolq", rows_for("boolq", ["q"], ["true"]), 1, tmp_path / "x.json", mode="x")
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_loglik_resume_and_mode_in_fingerprint(tiny, tmp_path, monkeypatch):
+    _, model, tokenizer = tiny
+    rows = rows_for("boolq", PIQA + ["y?", "z"], ["true", "false"] * 3)
+    reference = tmp_path / "ref.json"
+    evaluate_task(model, tokenizer, "boolq", rows, 2, reference, mode="loglik", progress=False)
+
+    real = evaluation.score_choices
+    calls = []
+
+    def crash_on_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise Crash("injected")
+        return real(*args, **kwargs)
+
+    out = tmp_path / "run.json"
+    monkeypatch.setattr(evaluation, "score_choices", crash_on_second_batch)
+    with pytest.raises(Crash):
+        evaluate_task(model, tokenizer, "boolq", rows, 2, out, mode="loglik", progress=False)
+    header = json.loads(partial_path(out).read_text().splitlines()[0])["header"]
+    assert header["mode"] == "loglik"
+
+    calls.clear()
+    monkeypatch.setattr(evaluation, "score_choices", lambda *a, **k: calls.append(1) or real(*a, **k))
+    summary = evaluate_task(model, tokenizer, "boolq", rows, 2, out, mode="loglik", progress=False)
+    assert len(calls) == 2 and summary["resumed_examples"] == 2
+    assert out.read_text() == reference.read_text()
+
+    # A loglik log is not reused by a generate run of the same file.
+    partial_path(out).write_text(json.dumps({"header": header}) + "\n" + json.dumps(
+        {"index": 0, "result": {**rows[0], "output_pred": "x", "pred": "true", "flag": True}}) + "\n")
+    monkeypatch.setattr(evaluation, "generate_responses", lambda m, t, ins, s=None: ["false"] * len(ins))
+    summary = evaluate_task(None, None, "boolq", rows[:1], 1, out, progress=False)
+    assert summary["resumed_examples"] == 0 and summary["mode"] == "generate"
+
+
+def test_cli_mode_loglik(tiny, tmp_path):
+    folder = tiny[0]
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "commonsense_evaluate.py"), "--model", "SmolLM2-135M", "--adapter", "none",
+         "--dataset", "boolq,ARC-Challenge", "--base_model", str(folder), "--limit", "2", "--batch_size", "2",
+         "--output_dir", str(out), "--mode", "loglik"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    for task in ("boolq", "ARC-Challenge"):
+        results = json.loads((out / f"SmolLM2-135M-none-{task}-loglik.json").read_text())
+        assert len(results) == 2 and all("scores" in r for r in results)
+        summary = json.loads((out / f"SmolLM2-135M-none-{task}-loglik.summary.json").read_text())
+        assert summary["mode"] == "loglik" and summary["n"] == 2
+    assert not (out / "SmolLM2-135M-none-boolq.json").exists()
+    assert "mode: loglik" in result.stdout
