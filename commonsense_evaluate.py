@@ -64,6 +64,8 @@ def parse_args(argv=None):
                              "loglik: pick the most likely answer continuation")
     parser.add_argument("--no_eos_stop", action="store_true",
                         help="always generate 32 tokens, as transformers 4.36 did in the original")
+    parser.add_argument("--task_log_dir", default=None,
+                        help="also append each task's output to DIR/<task>.txt (as the seed scripts' tee)")
     parser.add_argument("--verbose", action="store_true", help="print every example, as the original")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser.parse_args(argv)
@@ -95,6 +97,7 @@ def print_table(summaries):
 
 def run(args):
     from commonsense.evaluation import GenerationSettings, RunInfo, evaluate_tasks, load_model_for_eval
+    from commonsense.report import build_report
 
     adapter, tasks = validate_inputs(args)
     model, tokenizer = load_model_for_eval(
@@ -106,10 +109,13 @@ def run(args):
         model, tokenizer, tasks, run=run_info, dataset_dir=args.dataset_dir, output_dir=args.output_dir,
         batch_size=args.batch_size, limit=args.limit,
         settings=GenerationSettings(stop_at_eos=not args.no_eos_stop), mode=args.mode, verbose=args.verbose,
+        task_log_dir=args.task_log_dir,
     )
     print("test finished")
     if len(summaries) > 1:
         print_table(summaries)
+    paths = build_report(args.output_dir)  # the table over every run in output_dir so far
+    print(f"results table: {paths['markdown']} (and .csv, .png)")
     return 0
 
 

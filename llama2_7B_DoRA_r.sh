@@ -17,4 +17,4 @@ data_path='commonsense_170k.json'
 seed_train "$base_model" "$data_path" 16 2e-4 \
     --target_modules "$TARGETS_QKVUD"
 
-evaluate_each_task "$GPU_IDS" LLaMA2-7B DoRA "$base_model" "$OUTPUT_DIR"
+evaluate_all_tasks "$GPU_IDS" LLaMA2-7B DoRA "$base_model" "$OUTPUT_DIR"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Evaluate LLaMA3-8B + DoRA weights on the eight commonsense test sets (batch size 1, one run per
-# task, output appended to WEIGHTS_DIR/<task>.txt; per-example results go to experiment/).
+# Evaluate LLaMA3-8B + DoRA weights on the eight commonsense test sets (one process, batch size 1 as
+# the seed or EVAL_BATCH_SIZE; each task's output appended to WEIGHTS_DIR/<task>.txt; per-example
+# results go to experiment/).
 #
 #   bash llama3_8B_Dora_eval.sh WEIGHTS_DIR GPU_IDS
 #   bash llama3_8B_Dora_eval.sh ./finetuned_result/dora_r32 0
@@ -13,4 +14,4 @@ set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/scripts/common.sh"
 
 parse_eval_args "$@"
-evaluate_each_task "$GPU_IDS" LLaMA3-8B DoRA 'meta-llama/Meta-Llama-3-8B' "$WEIGHTS_DIR"
+evaluate_all_tasks "$GPU_IDS" LLaMA3-8B DoRA 'meta-llama/Meta-Llama-3-8B' "$WEIGHTS_DIR"

@@ -19,4 +19,4 @@ seed_train "$base_model" "$data_path" 16 2e-4 \
     --target_modules '["q_proj", "k_proj", "v_proj"]' \
     --Wdecompose_target_modules '["o_proj", "gate_proj", "up_proj", "down_proj"]'
 
-evaluate_each_task "$GPU_IDS" LLaMA-7B DoRA "$base_model" "$OUTPUT_DIR"
+evaluate_all_tasks "$GPU_IDS" LLaMA-7B DoRA "$base_model" "$OUTPUT_DIR"

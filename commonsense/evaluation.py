@@ -33,6 +33,7 @@ their log-likelihood after the same prompt instead of generating; see
 :func:`score_choices`. Its files are ``{model}-{adapter}-{dataset}-loglik.json``
 (+ ``.summary.json`` with ``"mode": "loglik"``), so both modes can coexist.
 """
+import contextlib
 import copy
 import dataclasses
 import os
@@ -46,7 +47,7 @@ import torch
 from tqdm import tqdm
 
 from commonsense.data import load_rows
-from commonsense.io import append_jsonl, atomic_write_json, read_jsonl
+from commonsense.io import append_jsonl, atomic_write_json, read_jsonl, tee_stdout
 from commonsense.models import configure_padding, load_base_model, load_tokenizer
 from commonsense.prompts import evaluation_prompt, split_response
 from commonsense.tasks import TASK_NAMES, extract_answer, get_task
@@ -568,18 +569,22 @@ def evaluate_tasks(
     mode: str = MODE,
     verbose=False,
     progress=True,
+    task_log_dir=None,
 ) -> list:
     """Evaluate several tasks with one loaded model; return their summaries in order.
 
     All test files are loaded and validated first, so a bad file fails before any
-    generation time is spent.
+    generation time is spent. With `task_log_dir`, what each task prints is also appended
+    to `task_log_dir/<task>.txt` (the original scripts' per-task logs, from one process).
     """
     names = [get_task(name).name for name in task_names]
     rows_by_task = {name: load_rows(dataset_file(dataset_dir, name), task=name) for name in names}
-    return [
-        evaluate_task(
-            model, tokenizer, name, rows_by_task[name], batch_size, result_path(output_dir, run, name, mode),
-            limit=limit, run=run, settings=settings, mode=mode, verbose=verbose, progress=progress,
-        )
-        for name in names
-    ]
+    summaries = []
+    for name in names:
+        log = tee_stdout(Path(task_log_dir) / f"{name}.txt") if task_log_dir else contextlib.nullcontext()
+        with log:
+            summaries.append(evaluate_task(
+                model, tokenizer, name, rows_by_task[name], batch_size, result_path(output_dir, run, name, mode),
+                limit=limit, run=run, settings=settings, mode=mode, verbose=verbose, progress=progress,
+            ))
+    return summaries

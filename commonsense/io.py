@@ -78,3 +78,31 @@ def read_jsonl(path) -> list:
             except json.JSONDecodeError:
                 break
     return records
+
+
+class _Tee:
+    """A text stream writing to two streams (the console and a log file)."""
+
+    def __init__(self, first, second):
+        self.first, self.second = first, second
+
+    def write(self, text):
+        self.first.write(text)
+        self.second.write(text)
+        return len(text)
+
+    def flush(self):
+        self.first.flush()
+        self.second.flush()
+
+
+@contextlib.contextmanager
+def tee_stdout(path):
+    """Copy everything printed inside the block to `path` (appended, like `tee -a`)."""
+    import sys
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as log:
+        tee = _Tee(sys.stdout, log)
+        with contextlib.redirect_stdout(tee):
+            yield

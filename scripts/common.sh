@@ -13,9 +13,6 @@
 #   PYTHON       interpreter for finetune.py / commonsense_evaluate.py (default: python)
 #   TORCHRUN     launcher used with several GPU ids (default: torchrun)
 
-# The eight test sets, in the original scripts' (and README's) order.
-COMMONSENSE_TASKS=(boolq piqa social_i_qa hellaswag winogrande ARC-Challenge ARC-Easy openbookqa)
-
 # The original's LoRA/DoRA target modules (attention q,k,v and MLP up, down), as finetune.py takes them.
 TARGETS_QKVUD='["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]'
 
@@ -219,20 +216,20 @@ seed_train() {
         --lora_r "$LORA_R" --lora_alpha "$LORA_ALPHA" --use_gradient_checkpointing
 }
 
-# evaluate_each_task GPU_IDS MODEL ADAPTER BASE_MODEL WEIGHTS_DIR: the original's eight
-# commonsense_evaluate.py calls (batch size 1, one task each, output appended to
-# WEIGHTS_DIR/<task>.txt), on the first GPU id only.
-evaluate_each_task() {
-    local gpu model=$2 adapter=$3 base_model=$4 weights=$5 task
+# evaluate_all_tasks GPU_IDS MODEL ADAPTER BASE_MODEL WEIGHTS_DIR: the eight test sets in one
+# commonsense_evaluate.py process (the model loads once), batch size EVAL_BATCH_SIZE (default 1,
+# as the seed), on the first GPU id. As the seed's `| tee -a WEIGHTS_DIR/<task>.txt`, each task's
+# output is appended to WEIGHTS_DIR/<task>.txt; the whole run also goes to WEIGHTS_DIR/all.txt.
+evaluate_all_tasks() {
+    local gpu model=$2 adapter=$3 base_model=$4 weights=$5
     gpu=$(first_gpu "$1")
-    for task in "${COMMONSENSE_TASKS[@]}"; do
-        run_on_gpus_tee "$gpu" "$weights/$task.txt" \
-            "$PYTHON" commonsense_evaluate.py \
-            --model "$model" \
-            --adapter "$adapter" \
-            --dataset "$task" \
-            --base_model "$base_model" \
-            --batch_size 1 \
-            --lora_weights "$weights"
-    done
+    run_on_gpus_tee "$gpu" "$weights/all.txt" \
+        "$PYTHON" commonsense_evaluate.py \
+        --model "$model" \
+        --adapter "$adapter" \
+        --dataset all \
+        --base_model "$base_model" \
+        --batch_size "${EVAL_BATCH_SIZE:-1}" \
+        --lora_weights "$weights" \
+        --task_log_dir "$weights"
 }

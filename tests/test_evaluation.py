@@ -290,3 +290,20 @@ def test_cli_evaluates_several_tasks(tiny_dir, tmp_path):
         assert len(results) == 2 and set(results[0]) >= ORIGINAL_FIELDS
         assert json.loads((out / f"SmolLM2-135M-none-{task}.summary.json").read_text())["limit"] == 2
     assert "test finished" in result.stdout and "average" in result.stdout
+
+
+def test_task_log_dir_gets_each_tasks_output(monkeypatch, tmp_path):
+    """The seed scripts' per-task logs (`| tee -a weights/<task>.txt`) from one process."""
+    monkeypatch.setattr(evaluation, "generate_responses", lambda model, tok, instructions, settings=None: [
+        "the correct answer is true" for _ in instructions])
+    dataset_dir = tmp_path / "dataset"
+    for task in ("boolq", "winogrande"):
+        rows = [dict(r, answer="option1" if task == "winogrande" else r["answer"]) for r in boolq_rows(4)]
+        write_dataset(dataset_dir, task, rows)
+    logs = tmp_path / "weights"
+    evaluate_tasks(None, None, ["boolq", "winogrande"], run=RunInfo(model_name="LLaMA-7B", adapter="DoRA"),
+                   dataset_dir=dataset_dir, output_dir=tmp_path / "exp", batch_size=2, progress=False,
+                   task_log_dir=logs)
+    boolq_log = (logs / "boolq.txt").read_text()
+    assert "boolq: accuracy 2/4" in boolq_log and "winogrande" not in boolq_log
+    assert "winogrande: accuracy 0/4" in (logs / "winogrande.txt").read_text()

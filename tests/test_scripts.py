@@ -223,15 +223,22 @@ def test_bad_gpu_ids_are_refused(gpus, tmp_path):
 
 # ---- evaluation ------------------------------------------------------------------------------
 def check_eval_loop(commands, model, base, weights, gpu="0"):
-    assert [c.flags("commonsense_evaluate.py")["--dataset"] for c in commands] == SEED_TASKS
-    for cmd, task in zip(commands, SEED_TASKS):
-        assert cmd.env == {"CUDA_VISIBLE_DEVICES": gpu}
-        assert cmd.argv[:2] == ["python", "commonsense_evaluate.py"]
-        assert cmd.flags("commonsense_evaluate.py") == {
-            "--model": model, "--adapter": "DoRA", "--dataset": task, "--base_model": base,
-            "--batch_size": "1", "--lora_weights": str(weights),
-        }
-        assert cmd.tee == str(Path(weights) / f"{task}.txt")
+    """One process evaluates all eight tasks (the model loads once); per-task logs as the seed's tee."""
+    assert len(commands) == 1
+    cmd = commands[0]
+    assert cmd.env == {"CUDA_VISIBLE_DEVICES": gpu}
+    assert cmd.argv[:2] == ["python", "commonsense_evaluate.py"]
+    assert cmd.flags("commonsense_evaluate.py") == {
+        "--model": model, "--adapter": "DoRA", "--dataset": "all", "--base_model": base,
+        "--batch_size": "1", "--lora_weights": str(weights), "--task_log_dir": str(weights),
+    }
+    assert cmd.tee == str(Path(weights) / "all.txt")
+
+
+def test_all_means_the_eight_seed_tasks():
+    from commonsense.evaluation import resolve_task_names
+
+    assert sorted(resolve_task_names("all")) == sorted(SEED_TASKS)  # run in the paper's table order
 
 
 @pytest.mark.parametrize("script", LLAMA_TRAIN_SCRIPTS)
@@ -418,15 +425,14 @@ def test_real_run_executes_the_same_commands(tmp_path):
     assert (out / "all.txt").read_text() == f"output of {calls[1][2:]}\n"
 
 
-def test_real_eval_loop_tees_each_task_and_stops_on_failure(tmp_path):
+def test_real_eval_run_and_failure_status(tmp_path):
     weights = tmp_path / "w"
     weights.mkdir()
     python, log = fake_program(tmp_path, "python")
     result = run_script("llama3_8B_Dora_eval.sh", weights, 0, cwd=tmp_path, dry_run=False, PYTHON=str(python))
     assert result.returncode == 0, result.stderr
-    assert len(log.read_text().splitlines()) == 8
-    for task in SEED_TASKS:
-        assert f"--dataset {task} " in (weights / f"{task}.txt").read_text()
+    assert len(log.read_text().splitlines()) == 1
+    assert "--dataset all " in (weights / "all.txt").read_text()
     # A failing evaluation stops the script with its status, despite the pipe into tee.
     failing, failing_log = fake_program(tmp_path / "w", "python", exit_code=3)
     result = run_script("llama3_8B_Dora_eval.sh", weights, 0, cwd=tmp_path, dry_run=False, PYTHON=str(failing))
