@@ -1,0 +1,173 @@
+"""Evaluation throughput: the original generation protocol vs batched generation vs loglik.
+
+Runs one model over a fixed slice (default: the first 16 rows of boolq and of
+piqa) under four settings and reports examples/s and the speedup over (a):
+
+  (a) original   batch 1, 4 beams, no EOS stop (always 32 new tokens, as
+                 transformers 4.36 did in the original code)
+  (b) batched    batch B, 4 beams, stop at EOS (the evaluation default)
+  (c) batched    batch B, 4 beams, no EOS stop -- must give exactly (a)'s
+                 predictions (batching is exact); the number of differences is printed
+  (d) loglik     batch B examples per forward (each expanded to its choices)
+
+(b) may legitimately differ from (a): stopping at EOS changes which beams win
+when a finished beam would otherwise keep being extended. Model loading and a
+small warm-up are excluded from the timings.
+
+    python benchmarks/eval_speed.py --base_model smollm2-135m [--tasks boolq,piqa] [--limit 16]
+
+Writes benchmarks/results/eval_speed_cpu.json (``--out``).
+"""
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT / "peft" / "src"))  # the vendored fork first, as the entry scripts do
+sys.path.insert(1, str(REPO_ROOT))
+
+import torch  # noqa: E402
+
+from commonsense.data import load_rows  # noqa: E402
+from commonsense.evaluation import (  # noqa: E402
+    GenerationSettings,
+    dataset_file,
+    generate_responses,
+    load_model_for_eval,
+    resolve_task_names,
+    score_choices,
+    score_row,
+    score_row_loglik,
+)
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return platform.processor() or "unknown"
+
+
+def run_generate(model, tokenizer, data, batch_size, settings):
+    """Predictions {(task, index): pred} and elapsed seconds for generation-based evaluation."""
+    preds = {}
+    started = time.perf_counter()
+    for task, rows in data.items():
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start:start + batch_size]
+            responses = generate_responses(model, tokenizer, [r["instruction"] for r in batch], settings)
+            for offset, (row, response) in enumerate(zip(batch, responses)):
+                preds[(task, start + offset)] = score_row(task, row, response)
+    return preds, time.perf_counter() - started
+
+
+def run_loglik(model, tokenizer, data, batch_size):
+    preds = {}
+    started = time.perf_counter()
+    for task, rows in data.items():
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start:start + batch_size]
+            all_scores = score_choices(model, tokenizer, task, [r["instruction"] for r in batch])
+            for offset, (row, scores) in enumerate(zip(batch, all_scores)):
+                preds[(task, start + offset)] = score_row_loglik(task, row, scores)
+    return preds, time.perf_counter() - started
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base_model", default="smollm2-135m")
+    parser.add_argument("--tasks", default="boolq,piqa")
+    parser.add_argument("--limit", type=int, default=16, help="first N rows of each task")
+    parser.add_argument("--batch_size", type=int, default=8, help="batch size of (b), (c) and (d)")
+    parser.add_argument("--dataset_dir", default=str(REPO_ROOT / "dataset"))
+    parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results" / "eval_speed_cpu.json"))
+    args = parser.parse_args(argv)
+
+    tasks = resolve_task_names(args.tasks)
+    data = {t: load_rows(dataset_file(args.dataset_dir, t), task=t)[:args.limit] for t in tasks}
+    n = sum(len(rows) for rows in data.values())
+    load_before = os.getloadavg()
+    model, tokenizer = load_model_for_eval(args.base_model, adapter="none")
+    # Warm-up (first-call allocations, kernel selection) outside the timings.
+    first = next(iter(data.values()))[0]["instruction"]
+    generate_responses(model, tokenizer, [first], GenerationSettings(max_new_tokens=2))
+    score_choices(model, tokenizer, tasks[0], [first])
+
+    B = args.batch_size
+    configs = [
+        ("a", "original: batch 1, 4 beams, no EOS stop (32 tokens)", "generate", 1,
+         GenerationSettings(stop_at_eos=False)),
+        ("b", f"batched: batch {B}, 4 beams, EOS stop (default)", "generate", B, GenerationSettings()),
+        ("c", f"batched: batch {B}, 4 beams, no EOS stop", "generate", B, GenerationSettings(stop_at_eos=False)),
+        ("d", f"loglik: batch {B}", "loglik", B, None),
+    ]
+    results = {}
+    for key, label, mode, batch_size, settings in configs:
+        print(f"running ({key}) {label} ...", file=sys.stderr, flush=True)
+        if mode == "loglik":
+            preds, elapsed = run_loglik(model, tokenizer, data, batch_size)
+        else:
+            preds, elapsed = run_generate(model, tokenizer, data, batch_size, settings)
+        results[key] = {"label": label, "mode": mode, "batch_size": batch_size,
+                        "generation": None if settings is None else settings.to_dict(),
+                        "elapsed_s": round(elapsed, 3), "examples_per_s": n / elapsed,
+                        "accuracy": sum(p["flag"] for p in preds.values()) / n, "preds": preds}
+
+    base = results["a"]
+    keys = sorted(base["preds"])
+
+    def differences(other):
+        return sum(results[other]["preds"][k]["pred"] != base["preds"][k]["pred"] for k in keys)
+
+    # (c) must equal (a) answer by answer; compare the full generated text too.
+    c_text_diffs = sum(results["c"]["preds"][k]["output_pred"] != base["preds"][k]["output_pred"] for k in keys)
+    diffs = {"c_vs_a_pred": differences("c"), "c_vs_a_output_text": c_text_diffs,
+             "b_vs_a_pred": differences("b"), "d_vs_a_pred": differences("d")}
+
+    print(f"\n{n} examples ({', '.join(f'{t}[:{len(r)}]' for t, r in data.items())}), "
+          f"model {args.base_model}, torch threads {torch.get_num_threads()}")
+    print(f"{'config':<52} {'s':>8} {'ex/s':>8} {'speedup':>8} {'acc':>6}")
+    for key, r in results.items():
+        print(f"({key}) {r['label']:<48} {r['elapsed_s']:>8.1f} {r['examples_per_s']:>8.3f} "
+              f"{r['examples_per_s'] / base['examples_per_s']:>7.2f}x {100 * r['accuracy']:>5.1f}%")
+    print(f"(c) vs (a): {diffs['c_vs_a_pred']} prediction differences (should be 0), "
+          f"{diffs['c_vs_a_output_text']} generated-text differences")
+    print(f"(b) vs (a): {diffs['b_vs_a_pred']} prediction differences; (d) vs (a): {diffs['d_vs_a_pred']}")
+
+    import transformers
+
+    report = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "base_model": args.base_model,
+        "tasks": {t: len(r) for t, r in data.items()},
+        "n_examples": n,
+        "hardware": {"nproc": os.cpu_count(), "cpu_model": cpu_model(), "torch_threads": torch.get_num_threads(),
+                     "device": str(next(model.parameters()).device), "dtype": str(next(model.parameters()).dtype),
+                     "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__},
+        "configs": {k: {**{f: v for f, v in r.items() if f != "preds"},
+                        "speedup_vs_a": r["examples_per_s"] / base["examples_per_s"]} for k, r in results.items()},
+        "differences": diffs,
+        "predictions": {k: [results[k]["preds"][key]["pred"] for key in keys] for k in results},
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
