@@ -147,43 +147,59 @@ class DoraLinearFunction(torch.autograd.Function):
 
 
 class DoraDropoutLinearFunction(torch.autograd.Function):
-    """y = x W^T + g1 * (x_d W^T) + g * s x_d A^T B^T + b  (paper-exact dropout)."""
+    """y = x W^T + g1 * (x_d W^T) + g * s x_d A^T B^T + b  (paper-exact dropout).
+
+    g is folded into the small B wherever it scales the rank-r branch (g * q = (x_d A^T)(g s B)^T),
+    so neither q = s B A x_d nor dy * g is ever a [T, out] tensor; only p = W x_d is saved, and
+    q's share of grad_g comes from the [out, r] product dy^T (x_d A^T) that grad_B needs anyway:
+    sum_T(dy * q) = s rowsum(B * (dy^T x_d A^T)).
+    """
 
     @staticmethod
     def forward(ctx, x, x_drop, weight, bias, lora_A, lora_B, g, g_minus_1, scaling: float):
         dtype = x.dtype
         x2, xd2 = _flat(x), _flat(x_drop)
         p = xd2 @ weight.t()  # W x_d
+        # y = x W^T + g1 * p + b in one pass (p itself is kept for grad_g)
+        y, p = compose_dropout_forward(x2 @ weight.t(), p, None, g, g_minus_1, bias)
         xa = None
-        q = None
         if lora_A is not None:
             xa = xd2 @ lora_A.to(dtype).t()
-            q = xa @ (lora_B * scaling).to(dtype).t()  # s B A x_d; s folded into the small B
-        # y = x W^T + g1 * p + g * q + b and h_drop = p + q (for grad_g), one pass
-        y, h_drop = compose_dropout_forward(x2 @ weight.t(), p, q, g, g_minus_1, bias)
+            scaled_b = lora_B * (scaling * g).unsqueeze(1)  # g * s B: [out, r]
+            y = y.addmm_(xa, scaled_b.to(dtype).t())
         ctx.scaling = scaling
         ctx.has_lora = lora_A is not None
         ctx.x_shape = x.shape
-        ctx.save_for_backward(xd2, weight, lora_A, lora_B, g, g_minus_1, xa, h_drop)
+        ctx.save_for_backward(xd2, weight, lora_A, lora_B, g, g_minus_1, xa, p)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        xd2, weight, lora_A, lora_B, g, g_minus_1, xa, h_drop = ctx.saved_tensors
+        xd2, weight, lora_A, lora_B, g, g_minus_1, xa, p = ctx.saved_tensors
         s = ctx.scaling
         dtype = dy.dtype
         dy2 = _flat(dy)
         need_x, need_xd, _, need_bias, need_A, need_B, need_g, need_g1, _ = ctx.needs_input_grad
 
-        # dyg = dy * g, dyg1 = dy * g1 and grad_g = sum_T(dy * (p + q)), one pass
-        dyg, dyg1, grad_g = compose_backward(
-            dy2, h_drop, g, g_minus_1 if need_xd else None, need_dyg=ctx.has_lora
-        )
-        grad_g = grad_g.to(g.dtype) if (need_g or need_g1) else None
+        # dyg1 = dy * g1 and sum_T(dy * p), one pass
+        _, dyg1, grad_g = compose_backward(dy2, p, g, g_minus_1 if need_xd else None, need_dyg=False)
         grad_x = (dy2 @ weight).view(ctx.x_shape) if need_x else None
-        grad_xd, grad_A, grad_B = _linear_grads(
-            dyg1, dyg, xd2, xa, weight, lora_A, lora_B, s, ctx.x_shape, need_xd, need_A, need_B
-        )
+        grad_xd = dyg1 @ weight if need_xd else None
+        grad_A = grad_B = None
+        if ctx.has_lora:
+            dy_xa = (dy2.t() @ xa).to(grad_g.dtype)  # [out, r]
+            grad_g = grad_g + s * (lora_B.to(grad_g.dtype) * dy_xa).sum(dim=1)
+            if need_B:
+                grad_B = (dy_xa * (s * g).unsqueeze(1)).to(lora_B.dtype)
+            if need_xd or need_A:
+                dy_gb = dy2 @ (lora_B * g.unsqueeze(1)).to(dtype)  # (dy * g) B: [T, r]
+                if need_xd:
+                    grad_xd = grad_xd.addmm_(dy_gb, lora_A.to(dtype), alpha=s)
+                if need_A:
+                    grad_A = (dy_gb.t() @ xd2).mul_(s).to(lora_A.dtype)
+        if grad_xd is not None:
+            grad_xd = grad_xd.view(ctx.x_shape)
+        grad_g = grad_g.to(g.dtype) if (need_g or need_g1) else None
         grad_bias = dy2.sum(dim=0).to(dtype) if need_bias else None
         # g and g1 = g - 1 share every upstream gradient: report the sum once, on g.
         if not need_g:
