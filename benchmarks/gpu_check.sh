@@ -9,15 +9,17 @@
 # the pytest JUnit XML and the benchmarks' JSON go to $OUT when it is set (else
 # benchmarks/results/gpu_check). The exit status is the number of failed steps.
 #
-#   TIMEOUT_TESTS=300 TIMEOUT_LAYER=240 TIMEOUT_TRAIN=240
+#   TIMEOUT_TESTS=150 TIMEOUT_LAYER=150 TIMEOUT_TRAIN=120 TIMEOUT_EVAL=120
+# The defaults add up to 540 s, under one device-tool command's 600 s limit.
 set -u
 cd "$(dirname "$0")/.."
 
 RESULTS="${OUT:-benchmarks/results/gpu_check}"
 mkdir -p "$RESULTS"
-TIMEOUT_TESTS="${TIMEOUT_TESTS:-300}"
-TIMEOUT_LAYER="${TIMEOUT_LAYER:-240}"
-TIMEOUT_TRAIN="${TIMEOUT_TRAIN:-240}"
+TIMEOUT_TESTS="${TIMEOUT_TESTS:-150}"
+TIMEOUT_LAYER="${TIMEOUT_LAYER:-150}"
+TIMEOUT_TRAIN="${TIMEOUT_TRAIN:-120}"
+TIMEOUT_EVAL="${TIMEOUT_EVAL:-120}"
 
 if [ -f .venv/bin/activate ]; then . .venv/bin/activate; fi
 PYTHON="${PYTHON:-python}"
@@ -60,6 +62,8 @@ step tests "$TIMEOUT_TESTS" "$PYTHON" -m pytest -q -rs \
 
 step dora_layer "$TIMEOUT_LAYER" "$PYTHON" benchmarks/dora_layer.py --device cuda --out "$RESULTS/dora_layer_cuda.json"
 step train_step "$TIMEOUT_TRAIN" "$PYTHON" benchmarks/train_step.py --device cuda --out "$RESULTS/train_step_cuda.json"
+step eval_speed "$TIMEOUT_EVAL" "$PYTHON" benchmarks/eval_speed.py --base_model smollm2-135m --limit 16 \
+    --batch_size 16 --out "$RESULTS/eval_speed_cuda.json"
 
 echo
 echo "=== done: $failures failed step(s); results in $RESULTS"
