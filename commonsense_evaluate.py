@@ -19,18 +19,9 @@ import argparse
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent
-# The vendored PEFT fork must shadow any pip-installed peft.
-sys.path.insert(0, str(REPO_ROOT / "peft" / "src"))
-sys.path.insert(1, str(REPO_ROOT))
+from commonsense.cli import OneLineErrorParser, add_repo_paths
 
-
-class _OneLineErrorParser(argparse.ArgumentParser):
-    """argparse errors as one "error: " line and exit status 2 (no usage dump)."""
-
-    def error(self, message):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+REPO_ROOT = Path(add_repo_paths())  # the vendored PEFT fork must shadow any pip-installed peft
 
 
 def _positive_int(text):
@@ -46,7 +37,7 @@ def _positive_int(text):
 def parse_args(argv=None):
     from commonsense.evaluation import MODEL_NAMES, MODES
 
-    parser = _OneLineErrorParser(description=__doc__.splitlines()[0])
+    parser = OneLineErrorParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", required=True,
                         help="task name (boolq, piqa, social_i_qa, hellaswag, winogrande, ARC-Challenge, "
                              "ARC-Easy, openbookqa), a comma list, or 'all'")

@@ -1,6 +1,7 @@
 """Shared entry-point behaviour: user mistakes become one ``error:`` line and exit code 2."""
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from typing import Callable, TypeVar
@@ -22,6 +23,14 @@ def add_repo_paths() -> str:
             sys.path.remove(path)
         sys.path.insert(0, path)
     return root
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse errors as one "error: " line and exit status 2 (no usage dump)."""
+
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
 
 
 def user_error_types() -> tuple:

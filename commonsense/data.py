@@ -19,6 +19,7 @@ import random
 import sys
 from pathlib import Path
 
+from commonsense.cli import OneLineErrorParser
 from commonsense.io import atomic_write_json
 from commonsense.tasks import TASK_NAMES, get_task
 
@@ -174,14 +175,6 @@ def build_mix(source_dir, out_path, tasks=None, limit_per_task=None, seed=42) ->
 
 # --------------------------------------------------------------------------- CLI
 
-class _OneLineErrorParser(argparse.ArgumentParser):
-    """argparse prints usage + message on errors; we want one "error: " line and exit 2."""
-
-    def error(self, message):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def _resolve_source(source):
     if source is not None:
         return Path(source)
@@ -192,8 +185,8 @@ def _resolve_source(source):
 
 
 def _make_parser() -> argparse.ArgumentParser:
-    parser = _OneLineErrorParser(prog="python -m commonsense.data", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineErrorParser)
+    parser = OneLineErrorParser(prog="python -m commonsense.data", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrorParser)
 
     build = sub.add_parser("build", help="build a commonsense_170k-style training mix")
     build.add_argument("--source", help="folder with <task>/train.json (default: ../shared/data/commonsense)")

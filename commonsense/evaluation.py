@@ -53,7 +53,6 @@ from commonsense.prompts import evaluation_prompt, split_response
 from commonsense.tasks import TASK_NAMES, extract_answer, get_task
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PEFT_SRC = REPO_ROOT / "peft" / "src"
 
 ADAPTERS = ("LoRA", "DoRA", "none")
 MODEL_NAMES = ("LLaMA-7B", "LLaMA-13B", "LLaMA2-7B", "LLaMA3-8B", "SmolLM2-135M")
@@ -156,8 +155,9 @@ def dataset_file(dataset_dir, task_name: str) -> Path:
 def _import_peft_model():
     # The vendored fork must win over any pip-installed peft; entry scripts already
     # put it first, this covers library use (e.g. from a notebook).
-    if str(PEFT_SRC) not in sys.path:
-        sys.path.insert(0, str(PEFT_SRC))
+    from commonsense.cli import add_repo_paths
+
+    add_repo_paths()
     from peft import PeftModel
 
     return PeftModel
