@@ -4,9 +4,6 @@ HF peft and this fork share the import name ``peft``, so HF peft runs in a subpr
 never sees ``peft/src``. Skipped where HF peft is not installed.
 """
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -14,6 +11,7 @@ import torch
 
 from peft import DoraConfig, get_peft_model
 
+from hf_peft_subprocess import hf_peft_available, run_hf_script
 from tiny_llama import make_tiny_llama
 
 HF_SCRIPT = textwrap.dedent(
@@ -43,17 +41,6 @@ HF_SCRIPT = textwrap.dedent(
 )
 
 
-def hf_peft_available() -> bool:
-    probe = "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('peft') else 1)"
-    return subprocess.run([sys.executable, "-c", probe], cwd="/", env=clean_env()).returncode == 0
-
-
-def clean_env():
-    env = dict(os.environ)
-    env.pop("PYTHONPATH", None)
-    return env
-
-
 @pytest.mark.skipif(not hf_peft_available(), reason="HF peft is not installed")
 def test_eval_output_equals_hf_peft_dora(tmp_path, token_batch):
     targets = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
@@ -73,10 +60,7 @@ def test_eval_output_equals_hf_peft_dora(tmp_path, token_batch):
     torch.save(tensors, tmp_path / "adapter.pt")
     spec = {"r": 4, "alpha": 8, "targets": targets, "layers": layers, "tokens": token_batch.tolist()}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    (tmp_path / "hf.py").write_text(HF_SCRIPT)
-    run = subprocess.run(
-        [sys.executable, str(tmp_path / "hf.py"), str(tmp_path)], cwd=tmp_path, env=clean_env(), capture_output=True, text=True
-    )
+    run = run_hf_script(HF_SCRIPT, tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     model.eval()
     with torch.no_grad():

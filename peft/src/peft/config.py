@@ -88,8 +88,15 @@ class PeftConfig:
 
     @classmethod
     def from_pretrained(cls, directory: str) -> "PeftConfig":
-        """Read ``directory/adapter_config.json`` into the config class its peft_type names."""
+        """Read ``directory/adapter_config.json`` into the config class its peft_type names.
+
+        An HF peft LoRA/DoRA config is converted to this fork's (see ``utils/hf_format.py``).
+        """
+        from .utils.hf_format import config_from_hf, is_hf_config  # hf_format imports this module
+
         data = read_config_dict(directory)
+        if is_hf_config(data):
+            data = config_from_hf(data)
         config_cls = cls
         if cls is PeftConfig:
             from .mapping import config_class_for

@@ -14,8 +14,9 @@ from .utils.hub import resolve_adapter_dir
 from .utils.save_and_load import (
     get_peft_model_state_dict,
     load_adapter_weights,
-    save_adapter_weights,
+    read_adapter,
     set_peft_model_state_dict,
+    write_adapter,
 )
 
 
@@ -85,14 +86,20 @@ class PeftModel(nn.Module):
         print(f"trainable params: {trainable} || all params: {total} || trainable%: {100 * trainable / total}")
 
     # ---- files ------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str, safe_serialization: bool = False, state_dict=None, **_) -> None:
-        """Write ``adapter_config.json`` and ``adapter_model.bin`` (or ``.safetensors``)."""
+    def save_pretrained(
+        self, save_directory: str, safe_serialization: bool = False, state_dict=None, hf_format: bool = False, **_
+    ) -> None:
+        """Write ``adapter_config.json`` and ``adapter_model.bin`` (or ``.safetensors``).
+
+        ``hf_format=True`` writes HF peft's format instead (``use_dora``, ``lora_magnitude_vector``,
+        safetensors; see ``utils/hf_format.py``), which HF peft's ``PeftModel.from_pretrained`` loads.
+        """
         if os.path.isfile(save_directory):
             raise ValueError(f"save_pretrained needs a folder, {save_directory} is a file")
-        os.makedirs(save_directory, exist_ok=True)
         weights = get_peft_model_state_dict(self, state_dict)
-        save_adapter_weights(weights, save_directory, safe_serialization=safe_serialization)
-        self.peft_config.save_pretrained(save_directory)
+        write_adapter(
+            self.peft_config, weights, save_directory, hf_format=hf_format, safe_serialization=safe_serialization
+        )
 
     @classmethod
     def from_pretrained(
@@ -100,14 +107,15 @@ class PeftModel(nn.Module):
     ) -> "PeftModel":
         """Attach the adapter saved in ``model_id`` (a folder, or a hub repo id) to ``model``.
 
+        The folder may also be an HF peft LoRA/DoRA adapter (``hf_format.is_hf_config``); it
+        loads as this fork's LoraConfig / DoraConfig (dora_simple=True, as HF peft computes).
         Extra keyword arguments of the original API (``torch_dtype``, ``device_map``) are
         accepted and ignored: adapters load fp32 onto the device of the layers they adapt.
         """
         directory = resolve_adapter_dir(model_id, subfolder)
-        config = PeftConfig.from_pretrained(directory)
+        config, weights = read_adapter(directory)
         config.inference_mode = not is_trainable
         peft_model = cls(model, config)
-        weights = load_adapter_weights(directory)
         set_peft_model_state_dict(peft_model, weights)
         if not is_trainable:
             peft_model.eval()

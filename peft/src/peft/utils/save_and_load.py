@@ -10,13 +10,17 @@ offenders (the original loaded with strict=False and silently kept random adapte
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Dict, Optional
 
 import torch
 
+from ..config import CONFIG_NAME, AdapterConfigError, read_config_dict
+from ..mapping import config_class_for
 from ..tuners.tuners_utils import AdapterLayer, module_matches
-from .io import atomic_save
+from .hf_format import LORA_A, from_hf, is_hf_config, to_hf
+from .io import atomic_save, atomic_write_text
 
 WEIGHTS_NAME = "adapter_model.bin"
 SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -138,3 +142,66 @@ def load_adapter_weights(directory: str) -> Dict[str, torch.Tensor]:
         path = st_path if os.path.isfile(st_path) else bin_path
         raise AdapterWeightsError(f"cannot read adapter weights {path}: {type(err).__name__}: {err}".splitlines()[0]) from None
     raise AdapterWeightsError(f"no {SAFETENSORS_WEIGHTS_NAME} or {WEIGHTS_NAME} in adapter folder {directory}")
+
+
+# ---- whole adapter folders, either format -------------------------------------------------
+def read_adapter(directory: str):
+    """(config, file-key tensors) of an adapter folder, in this fork's layout.
+
+    The folder may be in this fork's (the original fork's) format or in HF peft's
+    (``hf_format.is_hf_config``); an HF adapter is converted on the way in.
+    """
+    data = read_config_dict(directory)
+    if not is_hf_config(data):
+        config = config_class_for(data.get("peft_type")).from_dict(data)  # a bad config fails before the weights load
+        return config, load_adapter_weights(directory)
+    data, tensors = from_hf(data, load_adapter_weights(directory))
+    return config_class_for(data["peft_type"]).from_dict(data), tensors
+
+
+def write_adapter(config, tensors: Dict[str, torch.Tensor], directory: str, hf_format: bool = False,
+                  safe_serialization: bool = False) -> None:
+    """Write ``adapter_config.json`` and the weights, each file atomically, weights first.
+
+    ``hf_format=True`` writes HF peft's format (always ``adapter_model.safetensors``); it is
+    converted, and refused if it cannot be, before anything is written.
+    """
+    if os.path.isfile(directory):
+        raise ValueError(f"adapter output must be a folder, {directory} is a file")
+    if hf_format:
+        hf_config, hf_tensors = to_hf(config.to_dict(), tensors)
+        os.makedirs(directory, exist_ok=True)
+        save_adapter_weights(hf_tensors, directory, safe_serialization=True)
+        atomic_write_text(os.path.join(directory, CONFIG_NAME), json.dumps(hf_config, indent=2, sort_keys=True))
+    else:
+        os.makedirs(directory, exist_ok=True)
+        save_adapter_weights(tensors, directory, safe_serialization=safe_serialization)
+        config.save_pretrained(directory)
+
+
+def convert_adapter_folder(source: str, destination: str, to: str, overwrite: bool = False) -> str:
+    """Convert the adapter folder ``source`` to ``to`` = "hf" (HF peft) or "original" (this
+    fork's format, which the original NVlabs code loads: ``adapter_model.bin``).
+
+    Refuses a source already in the target format, ``destination`` == ``source``, and a
+    non-empty ``destination`` unless ``overwrite``. Returns a one-line summary.
+    """
+    if to not in ("hf", "original"):
+        raise ValueError(f"unknown target format {to!r}; expected 'hf' or 'original'")
+    source_is_hf = is_hf_config(read_config_dict(source))
+    if source_is_hf == (to == "hf"):
+        names = {True: "HF peft", False: "the original fork's"}
+        raise AdapterConfigError(f"{source} is already in {names[source_is_hf]} format")
+    if os.path.exists(destination):
+        if not os.path.isdir(destination):
+            raise ValueError(f"output {destination} exists and is not a folder")
+        if os.path.samefile(source, destination):
+            raise ValueError("the output folder is the input folder; write the conversion to another folder")
+        if os.listdir(destination) and not overwrite:
+            raise ValueError(f"output folder {destination} is not empty; pass --overwrite to replace its adapter")
+    config, tensors = read_adapter(source)
+    write_adapter(config, tensors, destination, hf_format=(to == "hf"))
+    layers = sum(key.endswith(LORA_A) for key in tensors)
+    target = "HF peft" if to == "hf" else "the original fork's"
+    kind = config.peft_type.value
+    return f"wrote the {kind} adapter (r={config.r}, {layers} layers) in {target} format to {destination}"
