@@ -53,6 +53,7 @@ from .dora_kernels import (
     tensor_key,
 )
 from .lora import LoraConfig, LoraModel, resolve_target_modules
+from .sharding import check_full_weight, is_fsdp_view
 from .tuners_utils import AdapterLayer, TargetModulesError, accumulation_dtype, find_targets
 
 # n^2 below this is treated as this (an all-zero row of V has no direction to keep).
@@ -148,6 +149,8 @@ class DoraLinear(AdapterLayer):
         self._weight_sq_norm_cache: Optional[Tuple[tuple, torch.Tensor]] = None
         self._norm_cache: Optional[Tuple[tuple, torch.Tensor]] = None
         self._merge_scale: Optional[torch.Tensor] = None
+        # Storage-keyed norm caches; off under FSDP (see sharding.py and set_norm_caching).
+        self.cache_norms = True
         self.reset_dora_parameters()
 
     # ---- parameters --------------------------------------------------------------------
@@ -164,11 +167,25 @@ class DoraLinear(AdapterLayer):
         self.weight_m_wdecomp.weight.copy_(self.weight_sq_norm().sqrt().unsqueeze(1))
 
     # ---- the norm ----------------------------------------------------------------------
+    def _check_full_weight(self) -> None:
+        # A compiled graph checks nothing at run time.
+        if not torch.compiler.is_compiling():
+            check_full_weight(self.base_layer.weight, self.out_features, self.in_features)
+
+    def _norms_cacheable(self) -> bool:
+        """Whether the storage-keyed caches can be trusted (see sharding.py for FSDP)."""
+        # A compiled graph cannot branch on storage pointers.
+        if torch.compiler.is_compiling() or not self.cache_norms:
+            return False
+        return not is_fsdp_view(self.base_layer.weight)
+
     def weight_sq_norm(self) -> torch.Tensor:
         """||W||^2 per row (fp32), computed once and reused while W is unchanged."""
+        self._check_full_weight()
         weight = self.base_layer.weight
-        if torch.compiler.is_compiling():  # a compiled graph cannot branch on storage pointers
-            return rowwise_sq_norm(weight.detach())
+        if not self._norms_cacheable():
+            with torch.no_grad():
+                return rowwise_sq_norm(weight.detach())
         key = tensor_key(weight)
         cache = self._weight_sq_norm_cache
         if cache is None or cache[0] != key:
@@ -188,7 +205,7 @@ class DoraLinear(AdapterLayer):
         detached = self.dora_simple or not torch.is_grad_enabled()
         if not detached:
             return self._compute_direction_norm()
-        if torch.compiler.is_compiling():
+        if not self._norms_cacheable():
             with torch.no_grad():
                 return self._compute_direction_norm()
         key = (
@@ -217,6 +234,7 @@ class DoraLinear(AdapterLayer):
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The module docstring's equations, computed by ``dora_kernels`` (one base matmul
         without dropout, two with it; no out x in temporary)."""
+        self._check_full_weight()
         weight, bias = self.base_layer.weight, self.base_layer.bias
         lora_A = self.lora_A.weight if self.r > 0 else None
         lora_B = self.lora_B.weight if self.r > 0 else None
