@@ -18,6 +18,14 @@ from typing import List, Optional, Union
 import torch
 
 from .data import load_rows
+from .distributed import (
+    check_fsdp_setup,
+    fsdp_save_optimizer_and_scheduler,
+    is_main_process,
+    load_adapter,
+    save_adapter,
+    world_size,
+)
 from .io import atomic_write_json
 from .models import configure_padding, load_base_model, load_tokenizer, pick_device
 from .prompts import training_prompt, user_prompt
@@ -132,15 +140,27 @@ def _adapter_trainer_class():
             if not self.args.should_save:
                 return
             os.makedirs(output_dir, exist_ok=True)
-            self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
+            # Under FSDP, transformers passes the state dict it gathered from the shards.
+            self.accelerator.unwrap_model(self.model).save_pretrained(output_dir, state_dict=state_dict)
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
+        def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+            if self.is_fsdp_enabled:
+                fsdp_save_optimizer_and_scheduler(self, output_dir)
+            else:
+                super()._save_optimizer_and_scheduler(output_dir)
+
         def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-            (model or self.model).load_adapter_state(resume_from_checkpoint)
+            load_adapter(model or self.model, resume_from_checkpoint)
 
         def _load_best_model(self) -> None:
-            print(f"loading the best checkpoint {self.state.best_model_checkpoint} (eval loss {self.state.best_metric})")
-            self.model.load_adapter_state(self.state.best_model_checkpoint)
+            if is_main_process():
+                print(f"loading the best checkpoint {self.state.best_model_checkpoint} (eval loss {self.state.best_metric})")
+            load_adapter(self.model, self.state.best_model_checkpoint)
+
+        def save_adapter(self, output_dir: str, **save_kwargs) -> None:
+            """The final adapter, written once (by process 0); every process calls this."""
+            save_adapter(self.accelerator, self.model, output_dir, self.args.should_save, **save_kwargs)
 
     return AdapterTrainer
 
@@ -207,15 +227,16 @@ def train(
     from transformers import DataCollatorForSeq2Seq, TrainingArguments, set_seed
 
     from peft import DoraConfig, LoraConfig, get_peft_model, prepare_model_for_int8_training
+    from peft.tuners.sharding import set_norm_caching
 
     if not base_model:
         raise FinetuneError("please specify a --base_model, e.g. --base_model=smollm2-135m or yahma/llama-7b-hf")
     adapter = str(adapter_name).lower()
     if adapter not in ("lora", "dora"):
         raise FinetuneError(f"adapter_name must be lora or dora, got {adapter_name!r}")
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    ddp = world_size != 1
-    accumulation_steps = check_batch_sizes(batch_size, micro_batch_size, world_size)
+    processes = world_size()
+    ddp = processes != 1
+    accumulation_steps = check_batch_sizes(batch_size, micro_batch_size, processes)
     if cutoff_len <= 0:
         raise FinetuneError(f"cutoff_len must be positive, got {cutoff_len}")
     adapter_config_cls = DoraConfig if adapter == "dora" else LoraConfig
@@ -242,7 +263,7 @@ def train(
         if value:
             os.environ[key] = value
 
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+    if is_main_process():
         print(
             f"Training {adapter.upper()} model with params:\n"
             + "\n".join(f"  {k}: {v}" for k, v in locals_summary(locals()).items())
@@ -250,7 +271,10 @@ def train(
     set_seed(seed)
     device = pick_device()
     cuda = device == "cuda"
-    dtype = ("bf16" if bf16 else "fp16") if cuda else "fp32"
+    fsdp = check_fsdp_setup(cuda, quantized=load_8bit)
+    # FSDP1 flattens a block's base weights and fp32 adapter into one shard, which needs one dtype:
+    # the base loads in fp32 and FSDP's mixed precision (fp16, or bf16 with --bf16) does the compute.
+    dtype = ("bf16" if bf16 else "fp16") if cuda and not fsdp else "fp32"
     device_map = {"": int(os.environ.get("LOCAL_RANK") or 0)} if (ddp and cuda) else None
     model = load_base_model(
         base_model, dtype=dtype, load_8bit=load_8bit, trust_remote_code=trust_remote_code, device_map=device_map
@@ -259,7 +283,10 @@ def train(
     configure_padding(tokenizer, model)
     model = prepare_model_for_int8_training(model, use_gradient_checkpointing=use_gradient_checkpointing)
     model = get_peft_model(model, peft_config)
-    model.print_trainable_parameters()
+    if fsdp:
+        set_norm_caching(model, False)  # see peft/src/peft/tuners/sharding.py
+    if is_main_process():
+        model.print_trainable_parameters()
 
     train_data, val_data = build_datasets(rows, tokenizer, cutoff_len, train_on_inputs, val_set_size, seed)
     args = TrainingArguments(
@@ -305,8 +332,8 @@ def train(
     started = time.time()
     trainer.train(resume_from_checkpoint=resume)
     elapsed = time.time() - started
+    trainer.save_adapter(output_dir, safe_serialization=safe_serialization)
     if trainer.args.should_save:
-        model.save_pretrained(output_dir, safe_serialization=safe_serialization)
         write_training_log(trainer, output_dir, elapsed)
         print(f"saved the {adapter.upper()} adapter to {output_dir}")
     return output_dir
@@ -343,6 +370,7 @@ def write_training_log(trainer, output_dir: str, elapsed: float) -> None:
             "train_seconds": round(elapsed, 2),
             "peak_gpu_memory_bytes": peak,
             "device": pick_device(),
+            "world_size": world_size(),
         },
         indent=2,
     )

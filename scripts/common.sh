@@ -183,14 +183,15 @@ run_on_gpus_tee() {
 }
 
 # launch_train GPU_IDS FINETUNE_ARGS...: finetune.py on the given devices; one id runs
-# `$PYTHON finetune.py`, several run `$TORCHRUN --nproc_per_node N finetune.py` (DDP; finetune.py
-# reads WORLD_SIZE and splits the gradient accumulation over the processes).
+# `$PYTHON finetune.py`, several run `$TORCHRUN --standalone --nproc_per_node N finetune.py` (DDP;
+# finetune.py reads WORLD_SIZE and splits the gradient accumulation over the processes).
+# --standalone takes a free port, so two trainings on one machine (GPUs 0,1 and 2,3) do not collide.
 launch_train() {
     local gpus=$1 n
     shift
     n=$(gpu_count "$gpus")
     if ((n > 1)); then
-        run_on_gpus "$gpus" "$TORCHRUN" --nproc_per_node "$n" finetune.py "$@"
+        run_on_gpus "$gpus" "$TORCHRUN" --standalone --nproc_per_node "$n" finetune.py "$@"
     else
         run_on_gpus "$gpus" "$PYTHON" finetune.py "$@"
     fi

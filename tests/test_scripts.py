@@ -175,7 +175,7 @@ def test_several_gpus_train_with_torchrun_and_evaluate_on_the_first(script, tmp_
     train, evals = split_train_eval(dry_run(script, 32, 64, "out", "0,1", cwd=tmp_path))
     cmd = train[0]
     assert cmd.env == {"CUDA_VISIBLE_DEVICES": "0,1"}
-    assert cmd.argv[:4] == ["torchrun", "--nproc_per_node", "2", "finetune.py"]
+    assert cmd.argv[:5] == ["torchrun", "--standalone", "--nproc_per_node", "2", "finetune.py"]
     flags = cmd.flags("finetune.py")
     # The global batch stays 16; finetune.py splits the accumulation steps over the 2 processes.
     assert flags["--batch_size"] == "16"
@@ -192,7 +192,7 @@ def test_several_gpus_train_with_torchrun_and_evaluate_on_the_first(script, tmp_
 def test_gpu_ids_are_passed_through(tmp_path):
     train, evals = split_train_eval(dry_run("llama3_8B_DoRA_r.sh", 16, 32, "out", "4,6,2,3", cwd=tmp_path))
     assert train[0].env["CUDA_VISIBLE_DEVICES"] == "4,6,2,3"
-    assert train[0].argv[:3] == ["torchrun", "--nproc_per_node", "4"]
+    assert train[0].argv[:4] == ["torchrun", "--standalone", "--nproc_per_node", "4"]
     assert train[0].flags("finetune.py")["--micro_batch_size"] == "4"
     assert {c.env["CUDA_VISIBLE_DEVICES"] for c in evals} == {"4"}
 
@@ -420,7 +420,7 @@ def test_real_run_executes_the_same_commands(tmp_path):
     assert result.returncode == 0, result.stderr
     calls = log.read_text().splitlines()
     assert len(calls) == 2
-    assert calls[0].startswith("2,3 --nproc_per_node 2 finetune.py --base_model smollm2-135m ")
+    assert calls[0].startswith("2,3 --standalone --nproc_per_node 2 finetune.py --base_model smollm2-135m ")
     assert calls[1].startswith("2 commonsense_evaluate.py --model SmolLM2-135M ")
     assert (out / "all.txt").read_text() == f"output of {calls[1][2:]}\n"
 
