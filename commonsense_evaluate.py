@@ -65,15 +65,16 @@ def parse_args(argv=None):
 def validate_inputs(args):
     """Check everything possible before loading a model; return (adapter, task names)."""
     from commonsense.data import load_rows
-    from commonsense.evaluation import EvaluationError, check_adapter_args, resolve_task_names, dataset_file
+    from commonsense.evaluation import check_adapter_args, dataset_file, resolve_task_names
+    from commonsense.io import check_writable_dir
 
     tasks = resolve_task_names(args.dataset)
     adapter = check_adapter_args(args.adapter, args.lora_weights)
     for name in tasks:  # fail on a bad test file before spending minutes loading the model
         load_rows(dataset_file(args.dataset_dir, name), task=name)
-    output_dir = Path(args.output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise EvaluationError(f"--output_dir {output_dir} exists and is not a folder")
+    check_writable_dir(args.output_dir, "--output_dir")
+    if args.task_log_dir:
+        check_writable_dir(args.task_log_dir, "--task_log_dir")
     return adapter, tasks
 
 

@@ -38,6 +38,14 @@ def user_error_types() -> tuple:
     return (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
+def close_progress_bars() -> None:
+    """Close every open tqdm bar (if tqdm is loaded at all)."""
+    tqdm_std = sys.modules.get("tqdm.std")
+    if tqdm_std is not None:
+        for bar in list(tqdm_std.tqdm._instances):
+            bar.close()
+
+
 def run_or_exit(main: Callable[[], T], debug: bool = False) -> T:
     """Run ``main``; on a user error print one line to stderr and exit 2 (traceback with debug)."""
     try:
@@ -46,5 +54,6 @@ def run_or_exit(main: Callable[[], T], debug: bool = False) -> T:
         if debug:
             raise
         message = " ".join(str(err).split()) or type(err).__name__
+        close_progress_bars()  # else a bar left open by the failed loop redraws after the error line
         print(f"error: {message}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)

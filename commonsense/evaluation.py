@@ -47,7 +47,7 @@ import torch
 from tqdm import tqdm
 
 from commonsense.data import load_rows
-from commonsense.io import append_jsonl, atomic_write_json, read_jsonl, tee_stdout
+from commonsense.io import append_jsonl, atomic_write_json, child_path, kill_point, read_jsonl, tee_stdout
 from commonsense.models import configure_padding, load_base_model, load_tokenizer
 from commonsense.prompts import evaluation_prompt, split_response
 from commonsense.tasks import TASK_NAMES, extract_answer, get_task
@@ -133,7 +133,8 @@ def check_mode(mode: str) -> str:
 def result_path(output_dir, run: RunInfo, task_name: str, mode: str = MODE) -> Path:
     """experiment/{model}-{adapter}-{dataset}.json (the original's name); "-loglik" is appended in loglik mode."""
     suffix = "" if check_mode(mode) == MODE else f"-{mode}"
-    return Path(output_dir) / f"{run.model_name}-{run.adapter}-{task_name}{suffix}.json"
+    # The names come from options (or a caller's RunInfo): they must not lead out of output_dir.
+    return child_path(output_dir, f"{run.model_name}-{run.adapter}-{task_name}{suffix}.json", "result file name")
 
 
 def summary_path(out_path) -> Path:
@@ -164,7 +165,7 @@ def _import_peft_model():
 
 
 def check_adapter_folder(lora_weights) -> Path:
-    """The adapter folder must exist and hold adapter_config.json (checked before loading the base)."""
+    """The adapter folder must exist and hold a valid adapter_config.json (checked before loading the base)."""
     if lora_weights is None or not str(lora_weights).strip():
         raise EvaluationError("--lora_weights is required unless --adapter none")
     folder = Path(lora_weights).expanduser()
@@ -172,6 +173,10 @@ def check_adapter_folder(lora_weights) -> Path:
         raise EvaluationError(f"adapter folder not found: {lora_weights}")
     if not (folder / "adapter_config.json").is_file():
         raise EvaluationError(f"{lora_weights}: not an adapter folder (no adapter_config.json)")
+    _import_peft_model()
+    from peft import PeftConfig
+
+    PeftConfig.from_pretrained(str(folder))  # not JSON, unknown peft_type, bad r...: fail before the base loads
     return folder
 
 
@@ -519,6 +524,7 @@ def evaluate_task(
                     tqdm.write(f"{rows[index]['instruction']}\n{response}\nprediction: {scored['pred']}\n"
                                f"label: {rows[index].get('answer')}")
             append_jsonl(partial, new_records)
+            kill_point("eval_batch", batch_number)  # test-only crash hook (tests/test_evaluation.py)
             done += len(todo)
             bar.update(len(todo))
             # The original's running accuracy line (batch count, correct, fraction).
@@ -581,7 +587,8 @@ def evaluate_tasks(
     rows_by_task = {name: load_rows(dataset_file(dataset_dir, name), task=name) for name in names}
     summaries = []
     for name in names:
-        log = tee_stdout(Path(task_log_dir) / f"{name}.txt") if task_log_dir else contextlib.nullcontext()
+        log = tee_stdout(child_path(task_log_dir, f"{name}.txt", "task log name")) if task_log_dir \
+            else contextlib.nullcontext()
         with log:
             summaries.append(evaluate_task(
                 model, tokenizer, name, rows_by_task[name], batch_size, result_path(output_dir, run, name, mode),

@@ -11,8 +11,11 @@ internals.
 import contextlib
 import json
 import os
+import signal
 import tempfile
 from pathlib import Path
+
+TEST_KILL_ENV = "DORA_TEST_KILL_AT"
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -23,6 +26,15 @@ def _fsync_dir(directory: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def fsync_files(directory) -> None:
+    """fsync every regular file in `directory` (before marking what they form complete)."""
+    for entry in os.scandir(directory):
+        if entry.is_file(follow_symlinks=False):
+            with open(entry.path, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(Path(directory))
 
 
 def atomic_write_bytes(path, data: bytes) -> None:
@@ -78,6 +90,50 @@ def read_jsonl(path) -> list:
             except json.JSONDecodeError:
                 break
     return records
+
+
+# --------------------------------------------------------------------------- where outputs may go
+
+class OutputPathError(ValueError):
+    """An output location that is unusable or would escape its folder; one-line message."""
+
+
+def child_path(directory, name: str, what: str = "file name") -> Path:
+    """`directory / name`, where `name` must be one plain path component.
+
+    Output names are built from option and config values (model, adapter and task
+    names, ...); a "/", "\\" or ".." in one must not write outside `directory`.
+    """
+    name = str(name)
+    if name in ("", ".", "..") or any(c in name for c in ("/", "\\", "\0")):
+        raise OutputPathError(f"{what} {name!r} is not a plain file name (no '/', '\\' or '..' allowed)")
+    return Path(directory) / name
+
+
+def check_writable_dir(path, what: str = "output folder") -> None:
+    """Fail early, creating nothing, when `path` cannot be (or become) a writable folder."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputPathError(f"{what} {path} exists and is not a folder")
+    existing = path.absolute()
+    while not existing.exists():  # the nearest existing ancestor is where the folder would be made
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputPathError(f"cannot create {what} {path}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputPathError(f"{what} {path} is not writable ({existing} does not allow writing)")
+
+
+# --------------------------------------------------------------------------- crash tests
+
+def kill_point(name: str, number: int) -> None:
+    """Test-only: SIGKILL this process when DORA_TEST_KILL_AT is "<name>:<number>".
+
+    The crash-safety tests (tests/test_crash_safety.py) use it to die at exact points
+    instead of after sleeps. Unset (always, outside those tests), it does nothing.
+    """
+    if os.environ.get(TEST_KILL_ENV) == f"{name}:{number}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class _Tee:

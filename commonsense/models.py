@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -292,6 +293,25 @@ def _load_error(what: str, name: str, err: Exception) -> ModelLoadError:
     return ModelLoadError(f"cannot load {what} {name!r}: {detail}")
 
 
+def refuse_remote_code(path: str, trust_remote_code: bool) -> None:
+    """A local model folder whose config.json maps to its own Python code needs explicit trust.
+
+    transformers refuses too, but only after warning and half-loading; this says it in one line.
+    """
+    config = Path(path) / "config.json"
+    if trust_remote_code or not config.is_file():
+        return
+    try:
+        auto_map = json.loads(config.read_text(encoding="utf-8")).get("auto_map")
+    except (ValueError, AttributeError):
+        return  # an unreadable config gets transformers' own error
+    if auto_map:
+        raise ModelLoadError(
+            f"{path} contains custom code (auto_map in config.json), which is not run: "
+            "trust_remote_code is off (finetune.py --trust_remote_code True turns it on; read the code first)"
+        )
+
+
 def load_tokenizer(
     name_or_path: str | os.PathLike,
     trust_remote_code: bool = False,
@@ -305,6 +325,7 @@ def load_tokenizer(
     from transformers import AutoTokenizer
 
     path = resolve_base_model(name_or_path)
+    refuse_remote_code(path, trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as err:
@@ -386,6 +407,7 @@ def load_base_model(
         kwargs["device_map"] = device_map
 
     path = resolve_base_model(name_or_path)
+    refuse_remote_code(path, trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as err:

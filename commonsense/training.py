@@ -26,7 +26,7 @@ from .distributed import (
     save_adapter,
     world_size,
 )
-from .io import atomic_write_json
+from .io import atomic_write_json, check_writable_dir, fsync_files, kill_point
 from .models import configure_padding, load_base_model, load_tokenizer, pick_device
 from .prompts import training_prompt, user_prompt
 
@@ -142,7 +142,43 @@ def _adapter_trainer_class():
             os.makedirs(output_dir, exist_ok=True)
             # Under FSDP, transformers passes the state dict it gathered from the shards.
             self.accelerator.unwrap_model(self.model).save_pretrained(output_dir, state_dict=state_dict)
+            kill_point("save", self.state.global_step)  # mid-checkpoint: adapter written, the rest not
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+        def _save_checkpoint(self, model, trial) -> None:
+            # transformers writes checkpoint-N/ file by file in place; a kill in between leaves a
+            # folder that looks like a checkpoint. The marker, written last, says it is whole.
+            folder = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
+            marker = os.path.join(folder, CHECKPOINT_COMPLETE)
+            if self.args.should_save and os.path.exists(marker):
+                os.unlink(marker)  # overwriting an older run's checkpoint-N: not whole while it is rewritten
+            super()._save_checkpoint(model, trial)
+            if self.args.should_save:
+                fsync_files(folder)
+                atomic_write_json(marker, {"global_step": self.state.global_step})
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            step = self.state.global_step + 1  # the optimizer step this micro-batch belongs to
+            kill_point("step", step)
+            if not torch.isfinite(loss).all():  # checked here: Trainer's logging_nan_inf_filter hides it
+                raise self._non_finite("loss", step)
+            return loss
+
+        def _get_grad_norm(self, model, grad_norm=None):
+            grad_norm = super()._get_grad_norm(model, grad_norm)
+            # Runs before optimizer.step(): stopping here keeps inf/NaN out of the weights.
+            if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)).all():
+                raise self._non_finite("gradient norm", self.state.global_step + 1)
+            return grad_norm
+
+        def _non_finite(self, what: str, step: int) -> "NonFiniteError":
+            last = newest_complete_checkpoint(self.args.output_dir)
+            return NonFiniteError(f"non-finite {what} at step {step} (last good checkpoint: {last or 'none yet'})")
+
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            kill_point("eval", self.state.global_step)
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
         def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
             if self.is_fsdp_enabled:
@@ -165,16 +201,46 @@ def _adapter_trainer_class():
     return AdapterTrainer
 
 
+class NonFiniteError(FinetuneError):
+    """The loss or the gradient norm became inf/NaN; training stops before the weights do."""
+
+
+CHECKPOINT_COMPLETE = "checkpoint_complete.json"  # written last into checkpoint-N/
+
+
+def is_complete_checkpoint(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, CHECKPOINT_COMPLETE))
+
+
+def newest_complete_checkpoint(output_dir: str) -> Optional[str]:
+    """The highest-step checkpoint-N folder in output_dir that has its completion marker."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = []
+    for name in os.listdir(output_dir):
+        prefix, _, number = name.partition("-")
+        if prefix == "checkpoint" and number.isdigit() and is_complete_checkpoint(os.path.join(output_dir, name)):
+            steps.append(int(number))
+    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
+
+
 def resolve_resume(resume_from_checkpoint, output_dir: str):
-    """``auto``: the newest checkpoint in output_dir (None if there is none); else the path."""
+    """``auto``: the newest complete checkpoint in output_dir (None if there is none); else the path.
+
+    A checkpoint without its marker was cut off mid-save (a kill, a full disk): ``auto`` skips
+    it and an explicit path to it is an error.
+    """
     if not resume_from_checkpoint:
         return None
     if resume_from_checkpoint in ("auto", True, "True", "true"):
-        from transformers.trainer_utils import get_last_checkpoint
-
-        return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        return newest_complete_checkpoint(output_dir)
     if not os.path.isdir(resume_from_checkpoint):
         raise FinetuneError(f"resume_from_checkpoint: no checkpoint folder {resume_from_checkpoint}")
+    if not is_complete_checkpoint(resume_from_checkpoint):
+        raise FinetuneError(
+            f"resume_from_checkpoint: {resume_from_checkpoint} is incomplete (no {CHECKPOINT_COMPLETE}; "
+            "the run stopped while saving it); pass an earlier checkpoint or 'auto'"
+        )
     return resume_from_checkpoint
 
 
@@ -257,6 +323,8 @@ def train(
     check_output_dir(output_dir)
     rows = load_rows(data_path)
     resume = resolve_resume(resume_from_checkpoint, output_dir)
+    if resume_from_checkpoint:
+        print(f"resuming from {resume}" if resume else f"no complete checkpoint in {output_dir}: starting from step 0")
 
     use_wandb = bool(wandb_project) or bool(os.environ.get("WANDB_PROJECT"))
     for key, value in (("WANDB_PROJECT", wandb_project), ("WANDB_WATCH", wandb_watch), ("WANDB_LOG_MODEL", wandb_log_model)):
@@ -304,6 +372,7 @@ def train(
         bf16=cuda and bf16,
         logging_steps=logging_steps,
         logging_first_step=True,
+        logging_nan_inf_filter=False,  # log a NaN as NaN (AdapterTrainer stops on it anyway)
         optim="adamw_torch",
         eval_strategy="steps" if val_data is not None else "no",
         save_strategy="steps",
@@ -345,17 +414,10 @@ def locals_summary(values: dict) -> dict:
 
 
 def check_output_dir(output_dir: str) -> None:
-    """Fail before any work if output_dir cannot be created or written."""
+    """Fail before any work if output_dir cannot be created or written (creates nothing)."""
     if not output_dir:
         raise FinetuneError("output_dir must not be empty")
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise FinetuneError(f"output_dir {output_dir} exists and is not a folder")
-    try:
-        os.makedirs(output_dir, exist_ok=True)
-    except OSError as err:
-        raise FinetuneError(f"cannot create output_dir {output_dir}: {err.strerror}") from None
-    if not os.access(output_dir, os.W_OK):
-        raise FinetuneError(f"output_dir {output_dir} is not writable")
+    check_writable_dir(output_dir, "output_dir")
 
 
 def write_training_log(trainer, output_dir: str, elapsed: float) -> None:

@@ -307,3 +307,39 @@ def test_task_log_dir_gets_each_tasks_output(monkeypatch, tmp_path):
     boolq_log = (logs / "boolq.txt").read_text()
     assert "boolq: accuracy 2/4" in boolq_log and "winogrande" not in boolq_log
     assert "winogrande: accuracy 0/4" in (logs / "winogrande.txt").read_text()
+
+
+def test_cli_sigkill_mid_task_then_rerun_gives_the_uninterrupted_result(tiny, tiny_dir, tmp_path):
+    """SIGKILL (no cleanup at all) after the 2nd of 3 batches; the same command resumes from the log."""
+    import signal
+
+    def evaluate(out, kill_at=None):
+        env = {k: v for k, v in os.environ.items() if k != "DORA_TEST_KILL_AT"}
+        env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"},
+                   **({"DORA_TEST_KILL_AT": kill_at} if kill_at else {}))
+        args = ["--model", "LLaMA-7B", "--adapter", "none", "--dataset", "boolq", "--base_model", tiny_dir,
+                "--limit", "6", "--batch_size", "2", "--output_dir", out]
+        return subprocess.run([sys.executable, str(REPO_ROOT / "commonsense_evaluate.py"), *map(str, args)],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+
+    model, tokenizer = tiny  # the uninterrupted run, in-process (the CLI loads the model the same way)
+    evaluate_tasks(model, tokenizer, ["boolq"], run=RunInfo("LLaMA-7B", "none", base_model=str(tiny_dir)),
+                   output_dir=tmp_path / "reference", batch_size=2, limit=6, progress=False)
+    out = tmp_path / "killed"
+    result = out / "LLaMA-7B-none-boolq.json"
+    killed = evaluate(out, kill_at="eval_batch:2")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not result.exists() and not summary_path(result).exists()
+    logged = [json.loads(line) for line in partial_path(result).read_text().splitlines()]
+    assert [record["index"] for record in logged[1:]] == [0, 1, 2, 3]
+
+    again = evaluate(out)
+    assert again.returncode == 0, again.stderr
+    assert "boolq: resuming, 4/6 examples already done" in again.stdout
+    assert result.read_text() == (tmp_path / "reference" / result.name).read_text()
+    summary = json.loads(summary_path(result).read_text())
+    expected = json.loads(summary_path(tmp_path / "reference" / result.name).read_text())
+    volatile = ("resumed_examples", "elapsed_s", "finished_at")
+    assert {k: v for k, v in summary.items() if k not in volatile} == \
+        {k: v for k, v in expected.items() if k not in volatile}
+    assert summary["resumed_examples"] == 4 and not partial_path(result).exists()
