@@ -153,6 +153,8 @@ def _adapter_trainer_class():
             if self.args.should_save and os.path.exists(marker):
                 os.unlink(marker)  # overwriting an older run's checkpoint-N: not whole while it is rewritten
             super()._save_checkpoint(model, trial)
+            # Under DDP every process writes its own RNG state into the folder: whole once all have.
+            self.accelerator.wait_for_everyone()
             if self.args.should_save:
                 fsync_files(folder)
                 atomic_write_json(marker, {"global_step": self.state.global_step})
