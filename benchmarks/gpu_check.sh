@@ -9,17 +9,18 @@
 # the pytest JUnit XML and the benchmarks' JSON go to $OUT when it is set (else
 # benchmarks/results/gpu_check). The exit status is the number of failed steps.
 #
-#   TIMEOUT_TESTS=150 TIMEOUT_LAYER=150 TIMEOUT_TRAIN=120 TIMEOUT_EVAL=120
+#   TIMEOUT_TESTS=120 TIMEOUT_LAYER=120 TIMEOUT_TRAIN=120 TIMEOUT_EVAL=120 TIMEOUT_FSDP=60
 # The defaults add up to 540 s, under one device-tool command's 600 s limit.
 set -u
 cd "$(dirname "$0")/.."
 
 RESULTS="${OUT:-benchmarks/results/gpu_check}"
 mkdir -p "$RESULTS"
-TIMEOUT_TESTS="${TIMEOUT_TESTS:-150}"
-TIMEOUT_LAYER="${TIMEOUT_LAYER:-150}"
+TIMEOUT_TESTS="${TIMEOUT_TESTS:-120}"
+TIMEOUT_LAYER="${TIMEOUT_LAYER:-120}"
 TIMEOUT_TRAIN="${TIMEOUT_TRAIN:-120}"
 TIMEOUT_EVAL="${TIMEOUT_EVAL:-120}"
+TIMEOUT_FSDP="${TIMEOUT_FSDP:-60}"
 
 if [ -f .venv/bin/activate ]; then . .venv/bin/activate; fi
 PYTHON="${PYTHON:-python}"
@@ -64,6 +65,10 @@ step dora_layer "$TIMEOUT_LAYER" "$PYTHON" benchmarks/dora_layer.py --device cud
 step train_step "$TIMEOUT_TRAIN" "$PYTHON" benchmarks/train_step.py --device cuda --out "$RESULTS/train_step_cuda.json"
 step eval_speed "$TIMEOUT_EVAL" "$PYTHON" benchmarks/eval_speed.py --base_model smollm2-135m --limit 16 \
     --batch_size 16 --out "$RESULTS/eval_speed_cuda.json"
+# finetune.py under accelerate FSDP (configs/accelerate_fsdp.yaml), one process per GPU (at most 2),
+# on a tiny random LLaMA: adapter-only checkpoints gathered from the shards, written once
+step fsdp_train "$TIMEOUT_FSDP" "$PYTHON" -m pytest -q -rs tests/test_distributed.py -k accelerate_fsdp_on_gpus \
+    --junitxml="$RESULTS/pytest_fsdp.xml"
 
 echo
 echo "=== done: $failures failed step(s); results in $RESULTS"
