@@ -9,7 +9,7 @@
 # the pytest JUnit XML and the benchmarks' JSON go to $OUT when it is set (else
 # benchmarks/results/gpu_check). The exit status is the number of failed steps.
 #
-#   TIMEOUT_TESTS=120 TIMEOUT_LAYER=120 TIMEOUT_TRAIN=120 TIMEOUT_EVAL=120 TIMEOUT_FSDP=60
+#   TIMEOUT_TESTS=120 TIMEOUT_LAYER=90 TIMEOUT_TRAIN=90 TIMEOUT_EVAL=120 TIMEOUT_QUANT=60 TIMEOUT_FSDP=60
 # The defaults add up to 540 s, under one device-tool command's 600 s limit.
 set -u
 cd "$(dirname "$0")/.."
@@ -17,10 +17,11 @@ cd "$(dirname "$0")/.."
 RESULTS="${OUT:-benchmarks/results/gpu_check}"
 mkdir -p "$RESULTS"
 TIMEOUT_TESTS="${TIMEOUT_TESTS:-120}"
-TIMEOUT_LAYER="${TIMEOUT_LAYER:-120}"
-TIMEOUT_TRAIN="${TIMEOUT_TRAIN:-120}"
+TIMEOUT_LAYER="${TIMEOUT_LAYER:-90}"
+TIMEOUT_TRAIN="${TIMEOUT_TRAIN:-90}"
 TIMEOUT_EVAL="${TIMEOUT_EVAL:-120}"
 TIMEOUT_FSDP="${TIMEOUT_FSDP:-60}"
+TIMEOUT_QUANT="${TIMEOUT_QUANT:-60}"
 
 if [ -f .venv/bin/activate ]; then . .venv/bin/activate; fi
 PYTHON="${PYTHON:-python}"
@@ -69,6 +70,8 @@ step eval_speed "$TIMEOUT_EVAL" "$PYTHON" benchmarks/eval_speed.py --base_model 
 # on a tiny random LLaMA: adapter-only checkpoints gathered from the shards, written once
 step fsdp_train "$TIMEOUT_FSDP" "$PYTHON" -m pytest -q -rs tests/test_distributed.py -k accelerate_fsdp_on_gpus \
     --junitxml="$RESULTS/pytest_fsdp.xml"
+# QDoRA/QLoRA: 8-bit and 4-bit bases vs a dequantized float64 reference, and a few training steps
+step quantized "$TIMEOUT_QUANT" "$PYTHON" benchmarks/quantized_check.py --device cuda
 
 echo
 echo "=== done: $failures failed step(s); results in $RESULTS"

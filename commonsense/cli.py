@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from typing import Callable, TypeVar
@@ -22,7 +23,19 @@ def add_repo_paths() -> str:
         if path in sys.path:
             sys.path.remove(path)
         sys.path.insert(0, path)
+    quiet_optional_kernel_notice()
     return root
+
+
+def quiet_optional_kernel_notice() -> None:
+    """Keep bitsandbytes' import-time notice about an optional CPU kernel off stderr.
+
+    transformers imports bitsandbytes whenever it is installed; on CPUs with AVX512-BF16,
+    bitsandbytes then tries to fetch a faster 4-bit kernel from the hub and logs a warning
+    when it cannot (always, offline). Its fallback is correct; the line would only bury
+    our one-line errors. Real bitsandbytes errors still show.
+    """
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 class OneLineErrorParser(argparse.ArgumentParser):

@@ -197,6 +197,7 @@ def load_model_for_eval(
     lora_weights=None,
     adapter="DoRA",
     load_8bit=False,
+    load_4bit=False,
     device=None,
     dtype="auto",
     trust_remote_code=False,
@@ -206,18 +207,23 @@ def load_model_for_eval(
     fp16 on CUDA (as the original), fp32 on CPU. The adapter type (LoRA or DoRA)
     comes from adapter_config.json; `adapter` only says whether there is one
     (the original's DoRA eval scripts pass --adapter LoRA for DoRA weights).
-    With `load_8bit` the adapter is kept unmerged: int8 weights cannot absorb it.
+    With `load_8bit` / `load_4bit` the adapter is kept unmerged: quantized weights cannot absorb it.
     """
     adapter = check_adapter_args(adapter, lora_weights)
     tokenizer = load_tokenizer(base_model, trust_remote_code=trust_remote_code, padding_side="left")
     model = load_base_model(
-        base_model, dtype=dtype, device=device, load_8bit=load_8bit, trust_remote_code=trust_remote_code
+        base_model,
+        dtype=dtype,
+        device=device,
+        load_8bit=load_8bit,
+        load_4bit=load_4bit,
+        trust_remote_code=trust_remote_code,
     )
     if adapter != "none":
         PeftModel = _import_peft_model()
         model = PeftModel.from_pretrained(model, str(lora_weights))
-        if load_8bit:
-            print("warning: 8-bit base weights: adapter kept unmerged", file=sys.stderr)
+        if load_8bit or load_4bit:
+            print("quantized base weights: the adapter is kept unmerged")
         else:
             print("Merge LoRA/DoRA weights into the original weights")
             model = model.merge_and_unload()

@@ -379,30 +379,28 @@ def load_base_model(
     dtype: str | torch.dtype = "auto",
     device: str | None = None,
     load_8bit: bool = False,
+    load_4bit: bool = False,
     trust_remote_code: bool = False,
     device_map=None,
 ):
     """Load a causal LM (hub id, local folder or embedded alias).
 
     The model is moved to ``device`` (default :func:`pick_device`) unless a
-    ``device_map`` or 8-bit loading places it.  8-bit needs CUDA and
-    bitsandbytes.  The training/eval mode is left as transformers sets it.
+    ``device_map`` or quantized loading places it.  ``load_8bit`` (LLM.int8) and
+    ``load_4bit`` (NF4 with double quantization, as QLoRA; compute in the model dtype)
+    need bitsandbytes; both run on CUDA and, with bitsandbytes >= 0.45, on the CPU.
+    The training/eval mode is left as transformers sets it.
     """
     from transformers import AutoModelForCausalLM
 
     device = device or pick_device()
     torch_dtype = pick_dtype(dtype, device)
     kwargs = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
-    if load_8bit:
-        if not torch.cuda.is_available():
-            raise ModelLoadError("load_8bit needs a CUDA GPU; drop --load_8bit on this machine")
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise ModelLoadError("load_8bit needs bitsandbytes: pip install bitsandbytes")
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    if load_8bit or load_4bit:
+        kwargs["quantization_config"] = quantization_config(load_8bit, load_4bit, torch_dtype)
         # Quantized weights are placed at load time and cannot be moved later.
-        device_map = device_map if device_map is not None else {"": torch.cuda.current_device()}
+        if device_map is None:
+            device_map = {"": torch.cuda.current_device()} if str(device).startswith("cuda") else {"": "cpu"}
     if device_map is not None:
         kwargs["device_map"] = device_map
 
@@ -415,6 +413,25 @@ def load_base_model(
     if device_map is None:
         model.to(device)
     return model
+
+
+def quantization_config(load_8bit: bool, load_4bit: bool, compute_dtype: torch.dtype):
+    """transformers' BitsAndBytesConfig for --load_8bit or --load_4bit (a clear error without bitsandbytes)."""
+    if load_8bit and load_4bit:
+        raise ModelLoadError("choose one of --load_8bit and --load_4bit")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        flag = "load_8bit" if load_8bit else "load_4bit"
+        raise ModelLoadError(f"{flag} needs bitsandbytes: pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    if load_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
 
 
 # --- CLI --------------------------------------------------------------------

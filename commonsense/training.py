@@ -254,6 +254,7 @@ def train(
     output_dir: str = "./lora-alpaca",
     adapter_name: str = "lora",
     load_8bit: bool = False,
+    load_4bit: bool = False,
     # training hyperparams
     batch_size: int = 128,
     micro_batch_size: int = 4,
@@ -341,13 +342,18 @@ def train(
     set_seed(seed)
     device = pick_device()
     cuda = device == "cuda"
-    fsdp = check_fsdp_setup(cuda, quantized=load_8bit)
+    fsdp = check_fsdp_setup(cuda, quantized=load_8bit or load_4bit)
     # FSDP1 flattens a block's base weights and fp32 adapter into one shard, which needs one dtype:
     # the base loads in fp32 and FSDP's mixed precision (fp16, or bf16 with --bf16) does the compute.
     dtype = ("bf16" if bf16 else "fp16") if cuda and not fsdp else "fp32"
     device_map = {"": int(os.environ.get("LOCAL_RANK") or 0)} if (ddp and cuda) else None
     model = load_base_model(
-        base_model, dtype=dtype, load_8bit=load_8bit, trust_remote_code=trust_remote_code, device_map=device_map
+        base_model,
+        dtype=dtype,
+        load_8bit=load_8bit,
+        load_4bit=load_4bit,
+        trust_remote_code=trust_remote_code,
+        device_map=device_map,
     )
     tokenizer = load_tokenizer(base_model, trust_remote_code=trust_remote_code, padding_side="left")
     configure_padding(tokenizer, model)

@@ -193,11 +193,20 @@ def test_pick_dtype_rules(monkeypatch):
         pick_dtype("int3", "cuda")
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
-def test_load_8bit_without_cuda_is_clear_error(tiny_llama_dir):
+def test_quantized_loading_errors_are_one_line(tiny_llama_dir, monkeypatch):
     with pytest.raises(ModelLoadError) as err:
-        load_base_model(tiny_llama_dir, load_8bit=True)
-    assert "CUDA" in assert_one_line(err)
+        load_base_model(tiny_llama_dir, load_8bit=True, load_4bit=True)
+    assert "one of" in assert_one_line(err)
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a)
+    )
+    for flag in ("load_8bit", "load_4bit"):
+        with pytest.raises(ModelLoadError) as err:
+            load_base_model(tiny_llama_dir, **{flag: True})
+        assert f"{flag} needs bitsandbytes" in assert_one_line(err)
 
 
 # --- embedded model cache ---------------------------------------------------

@@ -4,7 +4,7 @@ from pathlib import Path
 import torch
 
 
-def build_tiny_llama(folder: Path, seed: int = 0) -> Path:
+def build_tiny_llama(folder: Path, seed: int = 0, hidden_size: int = 32) -> Path:
     """A byte-level tokenizer (exact decode round trip) and a 2-layer random LLaMA.
 
     Ids 0/1/2 are <unk>/<s>/</s> as in LLaMA-1/2, so configure_padding pads with 0.
@@ -22,7 +22,7 @@ def build_tiny_llama(folder: Path, seed: int = 0) -> Path:
                                         eos_token="</s>")
     tokenizer.save_pretrained(folder)
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                          bos_token_id=1, eos_token_id=2, pad_token_id=0)
     LlamaForCausalLM(config).save_pretrained(folder)

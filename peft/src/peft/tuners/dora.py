@@ -34,12 +34,17 @@ The norm never builds V (an out x in temporary). It expands the square instead, 
 with ||W||^2 per row cached (W is frozen) and n^2 clamped away from zero.
 
 Merging writes W <- g V (the eval output is unchanged); unmerging restores W.
+
+An 8-bit or 4-bit (bitsandbytes) base layer -- QDoRA -- keeps its packed weight: W x is the
+layer's own quantized product, and the norms read the dequantized rows (the W that product
+applies) a block at a time, so no dequantized copy of W is kept (see quantized.py).
+Such a layer cannot be merged.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Tuple, Union
+from typing import Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -53,6 +58,7 @@ from .dora_kernels import (
     tensor_key,
 )
 from .lora import LoraConfig, LoraModel, resolve_target_modules
+from .quantized import dequantized_row_blocks, is_quantized
 from .sharding import check_full_weight, is_fsdp_view
 from .tuners_utils import AdapterLayer, TargetModulesError, accumulation_dtype, find_targets
 
@@ -81,33 +87,45 @@ class DoraConfig(LoraConfig):
             raise AdapterConfigError("DoraConfig: Wdecompose_target_modules must be a list of names or a regex")
 
 
-def rowwise_base_times(weight: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """``weight @ right`` accumulated in at least fp32 (weight: out x in; right: in x k).
+def weight_row_blocks(weight: Union[torch.Tensor, nn.Module]) -> Iterator[torch.Tensor]:
+    """W a block of rows at a time, in at least fp32 (W itself when it already is).
 
-    A half-precision weight is upcast a block of rows at a time, never all at once.
+    ``weight`` is W, or a bitsandbytes layer whose dequantized W is read block by block;
+    a half-precision or quantized W is never upcast all at once.
     """
+    if isinstance(weight, nn.Module):
+        yield from dequantized_row_blocks(weight, torch.float32, _FP32_CHUNK_ELEMENTS)
+        return
     dtype = accumulation_dtype(weight)
     if weight.dtype == dtype:
-        return weight @ right.to(dtype)
+        yield weight
+        return
     rows = max(1, _FP32_CHUNK_ELEMENTS // weight.shape[1])
-    return torch.cat([block.to(dtype) @ right.to(dtype) for block in weight.split(rows)])
+    for block in weight.split(rows):
+        yield block.to(dtype)
 
 
-def rowwise_sq_norm(weight: torch.Tensor) -> torch.Tensor:
-    """||W||^2 per row in at least fp32, with the same blockwise upcast."""
-    dtype = accumulation_dtype(weight)
-    if weight.dtype == dtype:  # a reduction kernel: no squared copy of W
-        return torch.linalg.vector_norm(weight, dim=1).square()
-    rows = max(1, _FP32_CHUNK_ELEMENTS // weight.shape[1])
-    return torch.cat([block.to(dtype).pow(2).sum(dim=1) for block in weight.split(rows)])
+def _cat(parts: List[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def rowwise_base_times(weight: Union[torch.Tensor, nn.Module], right: torch.Tensor) -> torch.Tensor:
+    """``W @ right`` accumulated in at least fp32 (W: out x in, as ``weight_row_blocks`` reads it; right: in x k)."""
+    return _cat([block @ right.to(block.dtype) for block in weight_row_blocks(weight)])
+
+
+def rowwise_sq_norm(weight: Union[torch.Tensor, nn.Module]) -> torch.Tensor:
+    """||W||^2 per row in at least fp32 (a reduction: no squared copy of W)."""
+    return _cat([torch.linalg.vector_norm(block, dim=1).square() for block in weight_row_blocks(weight)])
 
 
 def factored_sq_norm(
-    weight_sq_norm: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float
+    weight_sq_norm: torch.Tensor, weight: Union[torch.Tensor, nn.Module], lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float
 ) -> torch.Tensor:
     """||W + s B A||^2 per row, without forming the out x in matrix.
 
     ``weight_sq_norm`` is ||W||^2 per row; the result has its dtype (fp32 or wider).
+    ``weight`` is W or a quantized layer (see ``weight_row_blocks``).
     """
     dtype = weight_sq_norm.dtype
     a = lora_A.to(dtype)
@@ -151,6 +169,8 @@ class DoraLinear(AdapterLayer):
         self._merge_scale: Optional[torch.Tensor] = None
         # Storage-keyed norm caches; off under FSDP (see sharding.py and set_norm_caching).
         self.cache_norms = True
+        # An 8-bit/4-bit base: W x comes from the layer's own quantized matmul (see quantized.py).
+        self.base_is_quantized = is_quantized(base_layer)
         self.reset_dora_parameters()
 
     # ---- parameters --------------------------------------------------------------------
@@ -167,9 +187,13 @@ class DoraLinear(AdapterLayer):
         self.weight_m_wdecomp.weight.copy_(self.weight_sq_norm().sqrt().unsqueeze(1))
 
     # ---- the norm ----------------------------------------------------------------------
+    def _weight_source(self) -> Union[torch.Tensor, nn.Module]:
+        """What the norm reads W from: the frozen weight, or the quantized layer itself."""
+        return self.base_layer if self.base_is_quantized else self.base_layer.weight.detach()
+
     def _check_full_weight(self) -> None:
-        # A compiled graph checks nothing at run time.
-        if not torch.compiler.is_compiling():
+        # Packed quantized weights have their own shapes; a compiled graph checks nothing at run time.
+        if not self.base_is_quantized and not torch.compiler.is_compiling():
             check_full_weight(self.base_layer.weight, self.out_features, self.in_features)
 
     def _norms_cacheable(self) -> bool:
@@ -177,20 +201,19 @@ class DoraLinear(AdapterLayer):
         # A compiled graph cannot branch on storage pointers.
         if torch.compiler.is_compiling() or not self.cache_norms:
             return False
-        return not is_fsdp_view(self.base_layer.weight)
+        return self.base_is_quantized or not is_fsdp_view(self.base_layer.weight)
 
     def weight_sq_norm(self) -> torch.Tensor:
         """||W||^2 per row (fp32), computed once and reused while W is unchanged."""
         self._check_full_weight()
-        weight = self.base_layer.weight
         if not self._norms_cacheable():
             with torch.no_grad():
-                return rowwise_sq_norm(weight.detach())
-        key = tensor_key(weight)
+                return rowwise_sq_norm(self._weight_source())
+        key = tensor_key(self.base_layer.weight)
         cache = self._weight_sq_norm_cache
         if cache is None or cache[0] != key:
             with torch.no_grad():
-                cache = (key, rowwise_sq_norm(weight.detach()))
+                cache = (key, rowwise_sq_norm(self._weight_source()))
             self._weight_sq_norm_cache = cache
         return cache[1]
 
@@ -221,7 +244,7 @@ class DoraLinear(AdapterLayer):
 
     def _compute_direction_norm(self) -> torch.Tensor:
         sq = factored_sq_norm(
-            self.weight_sq_norm(), self.base_layer.weight.detach(), self.lora_A.weight, self.lora_B.weight, self.scaling
+            self.weight_sq_norm(), self._weight_source(), self.lora_A.weight, self.lora_B.weight, self.scaling
         )
         return sq.clamp_min(NORM_SQ_EPS).sqrt()
 
@@ -242,6 +265,8 @@ class DoraLinear(AdapterLayer):
         n = self.direction_norm()
         g = m / n
         dropout_active = self.training and not isinstance(self.lora_dropout, nn.Identity)
+        if self.base_is_quantized:
+            return self._quantized_forward(x, m, n, g, dropout_active)
         if not dropout_active:  # y = g * (W x + s B A x) + b
             if not torch.is_grad_enabled():
                 return dora_linear_inference(x, weight, bias, lora_A, lora_B, self.scaling, g)
@@ -250,6 +275,34 @@ class DoraLinear(AdapterLayer):
         x_drop = self.lora_dropout(x)
         g_minus_1 = (m - n) / n
         return DoraDropoutLinearFunction.apply(x, x_drop, weight, bias, lora_A, lora_B, g, g_minus_1, self.scaling)
+
+    def _quantized_forward(self, x, m, n, g, dropout_active: bool) -> torch.Tensor:
+        """The same equations over a bitsandbytes base, with W x = base_layer(x) - b (plain autograd)."""
+        bias = self.base_layer.bias
+        base_out = self.base_layer(x)  # W x + b
+        dtype = base_out.dtype
+
+        def low_rank(inputs):  # s B A inputs
+            if self.r == 0:
+                return None
+            a, b = self.lora_A.weight.to(inputs.dtype), self.lora_B.weight.to(inputs.dtype)
+            return nn.functional.linear(nn.functional.linear(inputs, a), b) * self.scaling
+
+        if not dropout_active:  # y = g * (W x + s B A x) + b
+            h = base_out - bias if bias is not None else base_out
+            delta = low_rank(x)
+            if delta is not None:
+                h = h + delta.to(dtype)
+            y = g.to(dtype) * h
+            return y + bias if bias is not None else y
+        # y = W x + (g - 1) * (W drop(x)) + g * s B A drop(x) + b
+        x_drop = self.lora_dropout(x)
+        dropped = self.base_layer(x_drop)
+        if bias is not None:
+            dropped = dropped - bias
+        y = base_out + ((m - n) / n).to(dtype) * dropped
+        delta = low_rank(x_drop)
+        return y + g.to(dtype) * delta.to(dtype) if delta is not None else y
 
     def lora_delta(self) -> torch.Tensor:
         """s * B A (out x in). Only merge/unmerge build it; the forward never does."""

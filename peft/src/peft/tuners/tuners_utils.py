@@ -12,6 +12,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from .quantized import check_can_merge
+
 
 class TargetModulesError(ValueError):
     """target_modules (or Wdecompose_target_modules) selected nothing usable."""
@@ -103,6 +105,7 @@ class AdapterLayer(nn.Module):
         raise NotImplementedError
 
     def _check_can_merge(self) -> None:
+        check_can_merge(self.base_layer)
         if self.merged:
             raise RuntimeError(
                 f"{type(self).__name__} is already merged; merging twice would corrupt the base "
