@@ -57,8 +57,9 @@ EVAL_SCRIPTS = {
 }
 LLAMA_TRAIN_SCRIPTS = [name for name in TRAIN_SCRIPTS if name.startswith("llama")]
 ALL_SCRIPTS = sorted(TRAIN_SCRIPTS) + sorted(EVAL_SCRIPTS)
-# Set-up wrappers: syntax-checked here, run for real by .ci/run and tests/test_demo.py.
-SETUP_SCRIPTS = ["demo.sh", "scripts/setup_env.sh", "scripts/test.sh", ".ci/run"]
+# Set-up wrappers: syntax-checked here; demo.sh and the test scripts also run for real by .ci/run and
+# tests/test_demo.py (reproduce_smollm2.sh's module by tests/test_reproduce.py).
+SETUP_SCRIPTS = ["demo.sh", "reproduce_smollm2.sh", "scripts/setup_env.sh", "scripts/test.sh", ".ci/run"]
 
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -393,7 +394,7 @@ def test_shellcheck():
 
 
 def test_every_root_script_is_covered():
-    assert sorted(p.name for p in REPO_ROOT.glob("*.sh")) == sorted(ALL_SCRIPTS + ["demo.sh"])
+    assert sorted(p.name for p in REPO_ROOT.glob("*.sh")) == sorted(ALL_SCRIPTS + ["demo.sh", "reproduce_smollm2.sh"])
 
 
 # ---- real mode, with stand-in programs -----------------------------------------------------------

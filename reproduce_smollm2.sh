@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The paper's LoRA-vs-DoRA commonsense comparison on the embedded SmolLM2-135M-Instruct, from
+# scratch, in one command: set up ./.venv, build the training mix, fine-tune LoRA r32, DoRA r16
+# and DoRA r32 with finetune.py, evaluate them and the base model with commonsense_evaluate.py
+# (generate and loglik), and write experiment/reproduction.{md,json} and reproduction_loss.png.
+#   bash reproduce_smollm2.sh [--train_rows 384] [--eval_limit_generate 25] [--eval_limit_loglik 150]
+#   bash reproduce_smollm2.sh --full        # on a GPU: the whole mix and the full test sets
+# Rerunning skips finished steps; --fresh starts over. python -m commonsense.reproduce --help lists the flags.
+# Paths given as arguments are taken from the caller's working directory.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+bash "$root/scripts/setup_env.sh"
+export REPRODUCE_LAUNCHER="bash reproduce_smollm2.sh"
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+exec "$root/.venv/bin/python" -m commonsense.reproduce "$@"

@@ -1,0 +1,474 @@
+"""The one-command LoRA-vs-DoRA comparison (commonsense.reproduce): its pieces on synthetic data.
+
+No real SmolLM2 run here: the subset, the schedule, the statistics, the report and the command
+lines are checked directly; the child-process measurement with a stand-in script; the whole
+pipeline end to end with a tiny random LLaMA (slow-marked).
+"""
+import json
+import math
+import os
+import random
+import re
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from commonsense import reproduce
+from commonsense.reproduce import (
+    PAPER_ROWS,
+    SEED_TARGETS,
+    ReproductionError,
+    RunSpec,
+    Settings,
+    check_or_record_settings,
+    finetune_args,
+    format_lr,
+    macro_average_ci,
+    paired_difference_ci,
+    parse_runs,
+    prepare_training_data,
+    render_markdown,
+    scaled_warmup_steps,
+    training_steps,
+)
+from commonsense.tasks import TASK_NAMES, TASKS
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+COLUMNS = ["BoolQ", "PIQA", "SIQA", "HellaSwag", "WinoGrande", "ARC-e", "ARC-c", "OBQA"]
+SEED_LAYOUT = ["Model", "r", "lr", *COLUMNS, "Average"]
+
+
+# ---- synthetic data ---------------------------------------------------------------------------
+def write_source(folder: Path, sizes: dict) -> Path:
+    """DIR/<task>/train.json with `sizes[task]` unique rows labelled with their task.
+
+    Short enough that the tiny model's byte-level tokens keep part of the response within the
+    seed's cutoff of 256 (the prompt template alone is about 220 bytes).
+    """
+    for task, size in sizes.items():
+        label = TASKS[task].labels[0]
+        tag = uuid.uuid4().hex[:4]
+        rows = [{"instruction": f"{task} {i} {tag}", "input": "",
+                 "output": f"the correct answer is {label}", "answer": label} for i in range(size)]
+        (folder / task).mkdir(parents=True, exist_ok=True)
+        (folder / task / "train.json").write_text(json.dumps(rows, indent=4))
+    return folder
+
+
+def random_sizes(rng) -> dict:
+    return {task: rng.randint(20, 400) for task in TASK_NAMES}
+
+
+def subset_settings(source: Path, train_rows: int, seed: int) -> Settings:
+    return Settings(base_model="smollm2-135m", source_dir=str(source), full=False, train_rows=train_rows,
+                    num_epochs=1, eval_limit_generate=25, eval_limit_loglik=150, seed=seed, micro_batch_size=4)
+
+
+# ---- the subset ---------------------------------------------------------------------------------
+def test_subset_is_deterministic_counts_its_tasks_and_keeps_proportions(tmp_path):
+    rng = random.Random()
+    sizes = random_sizes(rng)
+    source = write_source(tmp_path / "source", sizes)
+    total = sum(sizes.values())
+    n = total // 2
+    seed = rng.randint(0, 10_000)
+
+    first = prepare_training_data(tmp_path / "a", subset_settings(source, n, seed))
+    again = prepare_training_data(tmp_path / "b", subset_settings(source, n, seed))
+    other = prepare_training_data(tmp_path / "c", subset_settings(source, n, seed + 1))
+    rows = json.loads(Path(first["path"]).read_text())
+    assert rows == json.loads(Path(again["path"]).read_text())
+    assert rows != json.loads(Path(other["path"]).read_text())
+    assert len(rows) == n == first["rows"]
+    assert len({r["instruction"] for r in rows}) == n  # a sample without replacement
+
+    # The recorded per-task counts are the true ones (each instruction starts with its task).
+    true_counts = {task: sum(r["instruction"].startswith(f"{task} ") for r in rows) for task in TASK_NAMES}
+    assert first["per_task"] == true_counts
+    assert first["mix_per_task"] == sizes and first["mix_rows"] == total
+    assert first["hellaswag_train_is_approximate"] is False
+
+    # Proportions: each task's count is within 4.5 standard deviations of its share (hypergeometric).
+    for task, size in sizes.items():
+        p = size / total
+        sd = math.sqrt(n * p * (1 - p) * (total - n) / (total - 1))
+        assert abs(true_counts[task] - n * p) <= 4.5 * sd + 1, (task, true_counts[task], n * p)
+
+
+def test_subset_reuses_its_record_and_refuses_too_many_rows(tmp_path):
+    source = write_source(tmp_path / "source", {task: 10 for task in TASK_NAMES})
+    out = tmp_path / "out"
+    record = prepare_training_data(out, subset_settings(source, 16, 1))
+    Path(record["mix_path"]).unlink()  # a rerun reads the record, not the mix
+    assert prepare_training_data(out, subset_settings(source, 16, 1)) == record
+    with pytest.raises(ReproductionError, match="--train_rows 81 exceeds the 80 rows"):
+        prepare_training_data(tmp_path / "other", subset_settings(source, 81, 1))
+
+
+def test_settings_of_a_folder_must_match(tmp_path):
+    settings = subset_settings(tmp_path, 384, 42)
+    check_or_record_settings(tmp_path / "out", settings)
+    check_or_record_settings(tmp_path / "out", settings)  # same settings: fine
+    changed = Settings(**{**settings.__dict__, "train_rows": 16})
+    with pytest.raises(ReproductionError, match="train_rows 384 -> 16.*--fresh"):
+        check_or_record_settings(tmp_path / "out", changed)
+
+
+# ---- the schedule -----------------------------------------------------------------------------------
+def test_training_steps_match_the_trainer():
+    assert training_steps(384, 16, 4, 1) == 24
+    assert training_steps(100, 16, 4, 1) == 7  # 25 micro batches = 6 full steps + 1 partial
+    assert training_steps(100, 16, 4, 3) == 21
+    assert training_steps(170_300, 16, 4, 1) == training_steps(170_300, 16, 16, 1) == 10_644
+    assert reproduce.SEED_TOTAL_STEPS == 31_932  # 3 epochs x ceil(170,300 / 16)
+
+
+def test_warmup_is_the_seeds_share_and_at_least_one_step():
+    assert scaled_warmup_steps(31_932) == 100
+    assert scaled_warmup_steps(3_193) == 10
+    assert scaled_warmup_steps(10_644) == 33
+    assert scaled_warmup_steps(24) == 1 and scaled_warmup_steps(1) == 1
+
+
+def test_format_lr():
+    assert [format_lr(x) for x in (3e-4, 2e-4, 1e-4, 2.5e-5, 0.01)] == ["3e-4", "2e-4", "1e-4", "2.5e-5", "1e-2"]
+
+
+# ---- statistics -------------------------------------------------------------------------------------
+def test_macro_average_ci_by_hand():
+    per_task = [(50, 100), (80, 100), (30, 60), (9, 10), (0, 20), (20, 20), (45, 90), (1, 4)]
+    mean, low, high = macro_average_ci(per_task)
+    # accuracies .5 .8 .5 .9 0 1 .5 .25 -> mean 4.45 / 8
+    assert mean == pytest.approx(0.55625)
+    # p(1-p)/n per task: .25/100 .16/100 .25/60 .09/10 0 0 .25/90 .1875/4
+    variance = (0.0025 + 0.0016 + 0.25 / 60 + 0.009 + 0 + 0 + 0.25 / 90 + 0.046875) / 64
+    assert variance == pytest.approx(0.0010456163)
+    assert high - mean == pytest.approx(mean - low) == pytest.approx(1.959964 * math.sqrt(variance))
+    assert (low, high) == pytest.approx((0.49287, 0.61963), abs=1e-5)
+
+
+def test_paired_difference_ci_by_hand():
+    # task 1: d = 0, -1, +1, 0 -> mean 0, var(d) = 0.5, var of the mean 0.5 / 4
+    # task 2: d = -1, -1      -> mean -1, var 0
+    mean, low, high = paired_difference_ci([("1100", "1010"), ("11", "00")])
+    assert mean == pytest.approx(-0.5)
+    assert high - mean == pytest.approx(1.959964 * math.sqrt(0.125) / 2)
+    with pytest.raises(ReproductionError, match="same examples"):
+        paired_difference_ci([("110", "11")])
+
+
+# ---- runs and command lines -----------------------------------------------------------------------
+def test_runs_parse_to_the_seed_settings():
+    base, lora, dora16, dora32 = parse_runs("base, lora_r32,dora_r16,dora_r32")
+    assert (base.adapter, base.r, base.learning_rate) == (None, None, None)
+    assert (lora.adapter, lora.r, lora.alpha, lora.learning_rate) == ("lora", 32, 64, 3e-4)
+    assert (dora16.adapter, dora16.r, dora16.alpha, dora16.learning_rate) == ("dora", 16, 32, 2e-4)
+    assert (dora32.r, dora32.alpha, dora32.learning_rate) == (32, 64, 2e-4)
+    assert [s.model_label for s in (base, lora, dora16)] == ["SmolLM2-135M (base)", "SmolLM2-135M-LoRA",
+                                                             "SmolLM2-135M-DoRA"]
+
+
+@pytest.mark.parametrize("text,message", [("", "empty"), ("base,base", "twice"), ("lora32", "unknown run"),
+                                          ("dora_r0", "unknown run"), ("qlora_r8", "unknown run")])
+def test_bad_runs(text, message):
+    with pytest.raises(ReproductionError, match=message):
+        parse_runs(text)
+
+
+def flag_dict(args: list) -> dict:
+    assert len(args) % 2 == 0 and all(a.startswith("--") for a in args[::2]), args
+    return dict(zip(args[::2], args[1::2]))
+
+
+@pytest.mark.parametrize("name,adapter,r,alpha,lr", [("lora_r32", "lora", "32", "64", "3e-4"),
+                                                     ("dora_r16", "dora", "16", "32", "2e-4"),
+                                                     ("dora_r32", "dora", "32", "64", "2e-4")])
+def test_finetune_command_has_the_seed_flags(tmp_path, name, adapter, r, alpha, lr):
+    from commonsense.training import TRAIN_FLAGS
+
+    (spec,) = parse_runs(name)
+    settings = subset_settings(tmp_path, 384, 42)
+    flags = flag_dict(finetune_args(spec, settings, tmp_path / "d.json", tmp_path / "a", total_steps=24))
+    assert json.loads(flags.pop("--target_modules")) == SEED_TARGETS == ["q_proj", "k_proj", "v_proj", "up_proj",
+                                                                         "down_proj"]
+    assert flags == {
+        "--base_model": "smollm2-135m", "--data_path": str(tmp_path / "d.json"), "--output_dir": str(tmp_path / "a"),
+        "--adapter_name": adapter, "--lora_r": r, "--lora_alpha": alpha, "--learning_rate": lr,
+        "--batch_size": "16", "--micro_batch_size": "4", "--num_epochs": "1", "--cutoff_len": "256",
+        "--lora_dropout": "0.05", "--seed": "42", "--val_set_size": "0", "--eval_step": "80", "--save_step": "10",
+        "--warmup_steps": "1", "--logging_steps": "1", "--resume_from_checkpoint": "auto",
+    }
+    assert all(flag[2:] in TRAIN_FLAGS for flag in flags)  # finetune.py (fire) accepts every one
+
+    full = Settings(**{**settings.__dict__, "full": True, "train_rows": None})
+    full_flags = flag_dict(finetune_args(spec, full, "mix.json", "a", total_steps=10_644))
+    assert (full_flags["--val_set_size"], full_flags["--warmup_steps"], full_flags["--eval_step"],
+            full_flags["--save_step"], full_flags["--logging_steps"]) == ("120", "100", "80", "80", "10")
+
+
+def test_evaluation_commands_parse_with_the_evaluation_cli(tmp_path):
+    import commonsense_evaluate
+
+    base, dora = parse_runs("base,dora_r16")
+    settings = subset_settings(tmp_path, 384, 42)
+    run_dir = tmp_path / "dora_r16"
+    args = commonsense_evaluate.parse_args(reproduce.evaluate_args(dora, settings, "loglik", TASK_NAMES, run_dir, 8))
+    assert (args.adapter, args.lora_weights, args.mode, args.limit, args.dataset) == (
+        "DoRA", str(run_dir / "adapter"), "loglik", 150, ",".join(TASK_NAMES))
+    assert (args.model, args.base_model, args.output_dir) == ("SmolLM2-135M", "smollm2-135m", str(run_dir / "eval"))
+    args = commonsense_evaluate.parse_args(reproduce.evaluate_args(base, settings, "generate", ["piqa"], run_dir, 8))
+    assert (args.adapter, args.lora_weights, args.mode, args.limit) == ("none", None, "generate", 25)
+    full = Settings(**{**settings.__dict__, "full": True, "train_rows": None, "eval_limit_generate": None,
+                       "eval_limit_loglik": None})
+    assert commonsense_evaluate.parse_args(reproduce.evaluate_args(base, full, "generate", ["piqa"], run_dir, 8)).limit is None
+
+
+# ---- the report -------------------------------------------------------------------------------------
+def flags_for(correct: int, n: int, rng) -> str:
+    flags = ["1"] * correct + ["0"] * (n - correct)
+    rng.shuffle(flags)
+    return "".join(flags)
+
+
+def synthetic_run(spec: RunSpec, rng, n_by_mode, trained=True) -> dict:
+    summary = {"run": spec.name, "adapter": spec.adapter, "r": spec.r, "alpha": spec.alpha,
+               "learning_rate": spec.learning_rate, "model_label": spec.model_label, "eval": {}}
+    for mode, n in n_by_mode.items():
+        corrects = rng.sample(range(n + 1), 8)  # distinct per task: a swapped column cannot go unnoticed
+        summary["eval"][mode] = {
+            "wall_s": rng.uniform(10, 500), "max_rss_bytes": rng.randint(2**29, 2**32), "cuda_peak_bytes": None,
+            "resumed": False,
+            "tasks": {task: {"correct": c, "n": n, "accuracy": c / n, "flags": flags_for(c, n, rng)}
+                      for task, c in zip(TASK_NAMES, corrects)}}
+    if trained:
+        summary["train"] = {"global_step": 24, "warmup_steps": 1, "wall_s": rng.uniform(100, 900),
+                            "max_rss_bytes": rng.randint(2**30, 2**32), "cuda_peak_bytes": None, "resumed": False,
+                            "loss": [[step, 3 / step] for step in range(1, 25)]}
+    return summary
+
+
+def synthetic_collected(rng, specs) -> dict:
+    n_by_mode = {"generate": 25, "loglik": 150}
+    return {
+        "generated_at": "2026-12-01T00:00:00+00:00", "command": "bash reproduce_smollm2.sh",
+        "settings": {"base_model": "smollm2-135m", "source_dir": "/data", "full": False, "train_rows": 384,
+                     "num_epochs": 1, "eval_limit_generate": 25, "eval_limit_loglik": 150, "seed": 42,
+                     "micro_batch_size": 4},
+        "data": {"rows": 384, "mix_rows": 170_420, "per_task": {t: 48 for t in TASK_NAMES},
+                 "mix_per_task": {t: 21_302 for t in TASK_NAMES}, "hellaswag_train_is_approximate": True},
+        "machine": {"cpu": "Test CPU", "cpu_cores": 2, "gpu": None, "torch": "2.x", "transformers": "5.x",
+                    "python": "3.11"},
+        "seed_total_steps": 31_932,
+        "runs": [synthetic_run(spec, rng, n_by_mode, trained=spec.adapter is not None) for spec in specs],
+    }
+
+
+def tables(markdown: str) -> list:
+    """Every markdown table as (header, rows), rows as dicts keyed by the header."""
+    found, block = [], []
+    for line in markdown.splitlines() + [""]:
+        if line.startswith("|"):
+            block.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+        elif block:
+            header, rows = block[0], block[2:]
+            assert all(len(row) == len(header) for row in rows), block
+            found.append((header, [dict(zip(header, row)) for row in rows]))
+            block = []
+    return found
+
+
+def test_report_tables_show_each_run_in_the_seed_layout():
+    rng = random.Random()
+    specs = parse_runs("base,lora_r32,dora_r16,dora_r32")
+    collected = synthetic_collected(rng, specs)
+    markdown = render_markdown(collected)
+    results = [t for t in tables(markdown) if t[0][:3] == ["Model", "r", "lr"]]
+    assert len(results) == 2  # generate, then loglik
+    for (header, rows), mode in zip(results, ["generate", "loglik"]):
+        assert header == SEED_LAYOUT + ["95% CI", "n"]
+        ours, paper = rows[:4], rows[4:]
+        assert [row["Model"] for row in ours] == ["SmolLM2-135M (base)", "SmolLM2-135M-LoRA", "SmolLM2-135M-DoRA",
+                                                  "SmolLM2-135M-DoRA"]
+        assert [(row["r"], row["lr"]) for row in ours] == [("–", "–"), ("32", "3e-4"), ("16", "2e-4"), ("32", "2e-4")]
+        for row, run in zip(ours, collected["runs"]):
+            tasks = run["eval"][mode]["tasks"]
+            for column, task in zip(COLUMNS, TASK_NAMES):
+                assert row[column] == f"{100 * tasks[task]['accuracy']:.1f}", (mode, run["run"], column)
+            mean, low, high = macro_average_ci([(tasks[t]["correct"], tasks[t]["n"]) for t in TASK_NAMES])
+            assert row["Average"] == f"{100 * mean:.1f}"
+            assert row["95% CI"] == f"[{100 * low:.1f}, {100 * high:.1f}]"
+            assert row["n"] == str(8 * tasks["boolq"]["n"])
+        assert [row["Model"] for row in paper] == [f"{model} (paper)" for model, *_ in PAPER_ROWS]
+        lora7b = paper[0]
+        assert [lora7b[c] for c in COLUMNS + ["Average"]] == ["67.5", "80.8", "78.2", "83.4", "80.4", "78.0", "62.6",
+                                                              "79.1", "76.3"]
+        assert (paper[2]["Model"], paper[2]["r"], paper[2]["Average"]) == ("LLaMA-7B-DoRA (paper)", "32", "78.4")
+
+    # Paired differences from LoRA r32, per mode, with the sign of the difference.
+    differences = [t for t in tables(markdown) if t[0][0] == "Run" and "95% CI (paired)" in t[0]]
+    assert len(differences) == 2
+    for (header, rows), mode in zip(differences, ["generate", "loglik"]):
+        assert [row["Run"] for row in rows] == ["base", "dora_r16", "dora_r32"]
+        lora = collected["runs"][1]["eval"][mode]["tasks"]
+        dora32 = collected["runs"][3]["eval"][mode]["tasks"]
+        expected = sum(dora32[t]["accuracy"] - lora[t]["accuracy"] for t in TASK_NAMES) / 8
+        assert rows[2][header[1]] == f"{100 * expected:+.1f}"
+
+    # Costs: a fine-tune row per trained run, two evaluation rows per run.
+    (costs,) = [rows for header, rows in tables(markdown) if header[:2] == ["Run", "Step"]]
+    assert [(row["Run"], row["Step"]) for row in costs][:5] == [
+        ("base", "evaluate (generate)"), ("base", "evaluate (loglik)"), ("lora_r32", "fine-tune"),
+        ("lora_r32", "evaluate (generate)"), ("lora_r32", "evaluate (loglik)")]
+    assert len(costs) == 11 and all(row["Wall time"] != "–" and row["Peak RSS"].endswith("GiB") for row in costs)
+    assert "approximate rebuild" in markdown and "384" in markdown and "seed 42" in markdown
+    assert "reproduction_loss.png" in markdown
+
+
+def test_paper_rows_averages_match_their_tasks():
+    for model, r, lr, values, average in PAPER_ROWS:
+        assert len(values) == 8
+        assert abs(sum(values) / 8 - average) <= 0.051, model
+
+
+def test_report_files_are_written_and_rebuilt_from_the_json(tmp_path):
+    collected = synthetic_collected(random.Random(), parse_runs("base,dora_r16"))
+    paths = reproduce.write_report(collected, tmp_path)
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths["png"].stat().st_size > 5000
+    markdown = paths["markdown"].read_text()
+    assert json.loads(paths["json"].read_text()) == collected
+    paths["markdown"].unlink()
+    reproduce.rebuild_report(tmp_path)
+    assert paths["markdown"].read_text() == markdown
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reproduction.json", "reproduction.md",
+                                                          "reproduction_loss.png"]
+
+
+# ---- child processes ----------------------------------------------------------------------------------
+def test_run_measured_reports_the_childs_own_peak_memory_and_status(tmp_path):
+    script = tmp_path / "child.py"
+    megabytes = random.randint(300, 400)
+    script.write_text(f"import sys\nblock = bytearray({megabytes} * 2**20)\nblock[::4096] = b'x' * len(block[::4096])\n"
+                      "print('child says', sys.argv[1:])\nsys.exit(int(sys.argv[1]))\n")
+    log, peaks = tmp_path / "logs" / "child.log", tmp_path / "peaks.json"
+    ballast = bytearray(300 * 2**20)  # this process is big too: a child must not report our size
+    ballast[::4096] = b"y" * len(ballast[::4096])
+    result = reproduce.run_measured(reproduce.measured_command(peaks, str(script), ["3"]), log, peaks, echo=False)
+    assert result["returncode"] == 3 and result["wall_s"] >= 0 and result["cuda_peak_bytes"] is None
+    assert megabytes * 2**20 <= result["max_rss_bytes"] < (megabytes + 150) * 2**20
+    text = log.read_text()
+    assert text.startswith("$ ") and "child says ['3']" in text
+    script.write_text("print('small')\n")
+    small = reproduce.run_measured(reproduce.measured_command(peaks, str(script), []), log, peaks, echo=False)
+    assert small["returncode"] == 0 and small["max_rss_bytes"] < 150 * 2**20
+    assert log.read_text().count("$ ") == 2  # appended
+    del ballast
+
+
+def test_measure_runs_a_script_as_main_and_keeps_its_exit_status(tmp_path):
+    script = tmp_path / "entry.py"
+    script.write_text("import sys\nif __name__ == '__main__':\n    print('argv', sys.argv)\n    sys.exit(5)\n")
+    peak = tmp_path / "peak.json"
+    result = subprocess.run(reproduce.measured_command(peak, str(script), ["--flag", "x y"]), cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 5
+    assert f"argv ['{script}', '--flag', 'x y']" in result.stdout
+    peaks = json.loads(peak.read_text())
+    assert peaks["cuda_peak_bytes"] is None and 5 * 2**20 < peaks["peak_rss_bytes"] < 500 * 2**20
+
+
+# ---- the command line ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("args,message", [
+    (["--train_rows", "0"], "--train_rows must be a positive integer"),
+    (["--eval_limit_loglik", "-3"], "--eval_limit_loglik must be a positive integer"),
+    (["--num_epochs", "0"], "--num_epochs must be positive"),
+    (["--micro_batch_size", "3"], "must divide the global batch 16"),
+    (["--runs", "lora"], "unknown run 'lora'"),
+    (["--train_rows", "many"], "invalid int value"),
+])
+def test_argument_errors_are_one_line(args, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        reproduce.main(args + ["--output_dir", str(tmp_path / "out"), "--report_dir", str(tmp_path / "report")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "report").exists()
+
+
+def test_missing_data_says_how_to_get_it(monkeypatch, capsys, tmp_path):
+    import commonsense.data
+
+    monkeypatch.setattr(commonsense.data, "SHARED_SOURCE_DIR", tmp_path / "nowhere")
+    with pytest.raises(SystemExit) as exit_:
+        reproduce.main(["--output_dir", str(tmp_path / "out"), "--report_dir", str(tmp_path / "report")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1
+    assert "--source_dir DIR" in err and "train.json" in err
+    with pytest.raises(SystemExit):
+        reproduce.main(["--source_dir", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "out")])
+    assert "--source_dir" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_fresh_refuses_a_folder_it_did_not_make(tmp_path, capsys):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "keep.txt").write_text("x")
+    source = write_source(tmp_path / "source", {task: 4 for task in TASK_NAMES})
+    with pytest.raises(SystemExit):
+        reproduce.main(["--fresh", "--output_dir", str(precious), "--source_dir", str(source)])
+    assert "not a reproduction output folder" in capsys.readouterr().err
+    assert (precious / "keep.txt").exists()
+
+
+def test_report_only_without_a_report(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        reproduce.main(["--report_only", "--report_dir", str(tmp_path)])
+    assert "reproduction.json not found" in capsys.readouterr().err
+
+
+def test_the_module_cli_exits_2_with_one_line():
+    result = subprocess.run([sys.executable, "-m", "commonsense.reproduce", "--eval_limit_generate", "0"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
+    assert "Traceback" not in result.stderr
+
+
+# ---- end to end on a tiny model ---------------------------------------------------------------------------
+@pytest.mark.slow
+def test_whole_comparison_on_a_tiny_model_then_a_rerun_skips_everything(tmp_path):
+    from tiny_models import build_tiny_llama
+
+    tiny = build_tiny_llama(tmp_path / "tiny")
+    source = write_source(tmp_path / "source", {task: 12 for task in TASK_NAMES})
+    out, report = tmp_path / "runs", tmp_path / "report"
+    command = [sys.executable, "-m", "commonsense.reproduce", "--base_model", str(tiny), "--source_dir", str(source),
+               "--runs", "base,dora_r4", "--train_rows", "16", "--eval_limit_generate", "1",
+               "--eval_limit_loglik", "2", "--output_dir", str(out), "--report_dir", str(report)]
+    # From another folder, as the wrapper script runs it (the repository on PYTHONPATH).
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TOKENIZERS_PARALLELISM="false")
+    first = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+
+    collected = json.loads((report / "reproduction.json").read_text())
+    base, dora = collected["runs"]
+    assert dora["train"]["global_step"] == 1 and dora["train"]["warmup_steps"] == 1
+    assert dora["train"]["loss"] and dora["train"]["max_rss_bytes"] > 100 * 2**20
+    assert json.loads((out / "dora_r4" / "adapter" / "adapter_config.json").read_text())["peft_type"] == "DORA"
+    assert not list((out / "dora_r4" / "adapter").glob("checkpoint-*"))
+    for run in (base, dora):
+        assert {t: r["n"] for t, r in run["eval"]["generate"]["tasks"].items()} == {t: 1 for t in TASK_NAMES}
+        assert {t: r["n"] for t, r in run["eval"]["loglik"]["tasks"].items()} == {t: 2 for t in TASK_NAMES}
+    markdown = (report / "reproduction.md").read_text()
+    assert "| SmolLM2-135M-DoRA | 4 | 2e-4 |" in markdown
+
+    second = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stdout.count("skipping") == 5  # one training, four evaluations
+    assert json.loads((report / "reproduction.json").read_text())["runs"] == collected["runs"]
+
+    changed = subprocess.run(command + ["--train_rows", "32"], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=300, env=env)
+    assert changed.returncode == 2 and re.search(r"train_rows 16 -> 32", changed.stderr)
