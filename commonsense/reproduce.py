@@ -190,14 +190,15 @@ def macro_average_ci(per_task) -> tuple:
     """(mean, low, high): the macro average of per-task accuracies with its 95% interval.
 
     `per_task` is a list of (correct, n). The tasks are independent samples, so the variance
-    of the mean of accuracies is sum(p(1-p)/n) / k^2 (normal approximation per task).
+    of the mean of accuracies is sum(p(1-p)/n) / k^2 (normal approximation per task); the
+    interval is clipped to [0, 1].
     """
     accuracies = [(c / n, n) for c, n in per_task]
     k = len(accuracies)
     mean = sum(p for p, _ in accuracies) / k
     variance = sum(p * (1 - p) / n for p, n in accuracies) / k ** 2
     half = Z_95 * math.sqrt(variance)
-    return mean, mean - half, mean + half
+    return mean, max(0.0, mean - half), min(1.0, mean + half)  # an accuracy stays in [0, 1]
 
 
 def paired_difference_ci(per_task_flags) -> tuple:
@@ -788,7 +789,7 @@ def render_markdown(collected: dict) -> str:
         "",
         "Average = the macro average of the eight accuracies (as the paper). Its 95% CI is the normal "
         "approximation for a mean of independent binomial proportions: Average ± 1.96·sqrt(Σ p_t(1−p_t)/n_t)/8 "
-        "(a task at 0% or 100% adds no variance, so near 0 the interval is too narrow); "
+        "clipped to [0, 100] (a task at 0% or 100% adds no variance, so near 0 the interval is too narrow); "
         "n = examples evaluated over the eight tasks. The paired table compares runs on the same examples "
         "(per task the mean of b_i − a_i, variance var(d)/n_t). The paper's rows (from "
         f"{PAPER_SOURCE}) are LLaMA models trained for {SEED_EPOCHS} epochs on the full mix and evaluated on the full "

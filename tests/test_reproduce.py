@@ -150,6 +150,12 @@ def test_macro_average_ci_by_hand():
     assert (low, high) == pytest.approx((0.49287, 0.61963), abs=1e-5)
 
 
+def test_macro_average_ci_stays_within_0_and_1():
+    mean, low, high = macro_average_ci([(1, 16)] + [(0, 16)] * 7)  # 0.78%: the normal interval dips below 0
+    assert low == 0.0 and high == pytest.approx(mean + 1.959964 * math.sqrt(1 / 16 * 15 / 16 / 16) / 8)
+    assert macro_average_ci([(16, 16)] * 7 + [(15, 16)])[2] == 1.0
+
+
 def test_paired_difference_ci_by_hand():
     # task 1: d = 0, -1, +1, 0 -> mean 0, var(d) = 0.5, var of the mean 0.5 / 4
     # task 2: d = -1, -1      -> mean -1, var 0
