@@ -3,7 +3,7 @@
 # scratch, in one command: set up ./.venv, build the training mix, fine-tune LoRA r32, DoRA r16
 # and DoRA r32 with finetune.py, evaluate them and the base model with commonsense_evaluate.py
 # (generate and loglik), and write experiment/reproduction.{md,json} and reproduction_loss.png.
-#   bash reproduce_smollm2.sh [--train_rows 384] [--eval_limit_generate 25] [--eval_limit_loglik 150]
+#   bash reproduce_smollm2.sh [--train_rows 256] [--eval_limit_generate 16] [--eval_limit_loglik 64]
 #   bash reproduce_smollm2.sh --full        # on a GPU: the whole mix and the full test sets
 # Rerunning skips finished steps; --fresh starts over. python -m commonsense.reproduce --help lists the flags.
 # Paths given as arguments are taken from the caller's working directory.
