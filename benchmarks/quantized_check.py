@@ -35,6 +35,7 @@ def layer_check(kind: str, device: str, dtype: torch.dtype) -> tuple[bool, str]:
     import bitsandbytes.functional as bnb_functional
 
     from peft.tuners.dora import DoraLinear
+    from peft.tuners.quantized import int8_row_scales
 
     torch.manual_seed(0)
     in_f, out_f, r = 1024, 768, 16
@@ -60,8 +61,7 @@ def layer_check(kind: str, device: str, dtype: torch.dtype) -> tuple[bool, str]:
     if kind == "4bit":
         W = bnb_functional.dequantize_4bit(base.weight.data, base.weight.quant_state).double()
     else:
-        scales = base.weight.SCB if getattr(base.weight, "SCB", None) is not None else base.state.SCB
-        W = base.weight.data.double() * scales.double()[:, None] / 127
+        W = base.weight.data.double() * int8_row_scales(base).double()[:, None] / 127
     leaf = lambda t: t.detach().double().requires_grad_(True)
     A, B, m = leaf(layer.lora_A.weight), leaf(layer.lora_B.weight), leaf(layer.magnitude)
     b = base.bias.detach().double() if base.bias is not None else None

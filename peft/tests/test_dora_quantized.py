@@ -13,6 +13,7 @@ from torch import nn
 from peft.tuners import dora
 from peft.tuners.dora import DoraLinear
 from peft.tuners.lora import LoraLinear
+from peft.tuners.quantized import int8_row_scales
 
 from test_dora_layer import FixedMaskDropout, reference_forward
 
@@ -34,8 +35,7 @@ def quantized_linear(kind, in_f, out_f, bias, seed):
 def dequantized(layer) -> torch.Tensor:
     if isinstance(layer, bnb.nn.Linear4bit):
         return bnb_functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).double()
-    scales = layer.weight.SCB if getattr(layer.weight, "SCB", None) is not None else layer.state.SCB
-    return layer.weight.data.double() * scales.double()[:, None] / 127
+    return layer.weight.data.double() * int8_row_scales(layer).double()[:, None] / 127
 
 
 def randomize(layer):

@@ -32,7 +32,8 @@ def is_quantized(layer: nn.Module) -> bool:
     return quantization_kind(layer) is not None
 
 
-def _int8_row_scales(layer: nn.Module) -> torch.Tensor:
+def int8_row_scales(layer: nn.Module) -> torch.Tensor:
+    """The per-row absmax of a Linear8bitLt's int8 weight (W = codes * scales / 127)."""
     # bitsandbytes keeps the per-row absmax on the weight until the first forward, then on layer.state.
     scales = getattr(layer.weight, "SCB", None)
     if scales is None:
@@ -49,7 +50,7 @@ def dequantized_row_blocks(layer: nn.Module, dtype: torch.dtype, max_elements: i
     kind = quantization_kind(layer)
     rows = max(1, max_elements // layer.in_features)
     if kind == "8bit":
-        codes, scales = layer.weight.data, _int8_row_scales(layer)
+        codes, scales = layer.weight.data, int8_row_scales(layer)
         for start in range(0, codes.shape[0], rows):
             block = bnb_functional.int8_vectorwise_dequant(codes[start : start + rows], scales[start : start + rows])
             yield block.to(dtype)
