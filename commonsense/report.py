@@ -105,20 +105,28 @@ def collect_runs(summaries) -> list:
 
 # --------------------------------------------------------------------------- rendering
 
-def _percent(value) -> str:
+def percent_cell(value) -> str:
+    """An accuracy in [0, 1] as a table cell: percent with one decimal, or the en dash."""
     return MISSING if value is None else f"{100 * value:.1f}"
+
+
+def markdown_grid(header: list, rows: list, right_from: int) -> str:
+    """A Markdown table; columns from ``right_from`` on are right-aligned (numbers)."""
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join("---" if i < right_from else "---:" for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
 
 
 def markdown_table(runs) -> str:
     """The results table (with a footnote if any average is over a subset of tasks)."""
     headers = ["Model", "Adapter", "Mode", "n"] + [t.display_name for t in TASKS.values()] + ["Average"]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(headers) - 3)) + "|"]
+    rows = []
     for run in runs:
-        average = _percent(run.average) + ("" if run.complete else INCOMPLETE_MARK)
-        cells = [run.model, run.adapter, run.mode, str(run.n)]
-        cells += [_percent(run.accuracy(name)) for name in TASKS] + [average]
-        lines.append("| " + " | ".join(cells) + " |")
-    text = "\n".join(lines) + "\n"
+        average = percent_cell(run.average) + ("" if run.complete else INCOMPLETE_MARK)
+        rows.append([run.model, run.adapter, run.mode, str(run.n)]
+                    + [percent_cell(run.accuracy(name)) for name in TASKS] + [average])
+    text = markdown_grid(headers, rows, right_from=3)
     if not all(run.complete for run in runs):
         # Escaped: a line starting with "* " would render as a bullet.
         text += f"\n\\{INCOMPLETE_MARK} average over the evaluated tasks only ({MISSING} = not evaluated).\n"

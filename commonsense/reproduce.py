@@ -47,6 +47,7 @@ from importlib import metadata
 from pathlib import Path
 
 from commonsense.cli import OneLineErrorParser, add_repo_paths, run_or_exit
+from commonsense.report import markdown_grid, percent_cell
 
 REPO_ROOT = Path(add_repo_paths())
 DEFAULT_OUTPUT_DIR = REPO_ROOT / "experiment" / "reproduction_runs"
@@ -611,17 +612,6 @@ def collect(settings: Settings, data: dict, summaries: list, machine: dict, comm
     }
 
 
-def _pct(value) -> str:
-    return "–" if value is None else f"{100 * value:.1f}"
-
-
-def _table(header: list, rows: list, right_from: int) -> str:
-    lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join("---" if i < right_from else "---:" for i in range(len(header))) + "|"]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
 def results_table(runs: list, mode: str) -> str:
     """The seed's layout (Model, r, lr, 8 tasks, Average) + 95% CI and n; the paper's rows below ours."""
     header = ["Model", "r", "lr", *task_columns(), "Average", "95% CI", "n"]
@@ -634,12 +624,12 @@ def results_table(runs: list, mode: str) -> str:
         mean, low, high = macro_average_ci([(t["correct"], t["n"]) for t in per_task])
         rows.append([run["model_label"], "–" if run["r"] is None else run["r"],
                      "–" if run["learning_rate"] is None else format_lr(run["learning_rate"]),
-                     *[_pct(t["accuracy"]) for t in per_task], _pct(mean),
-                     f"[{_pct(low)}, {_pct(high)}]", sum(t["n"] for t in per_task)])
+                     *[percent_cell(t["accuracy"]) for t in per_task], percent_cell(mean),
+                     f"[{percent_cell(low)}, {percent_cell(high)}]", sum(t["n"] for t in per_task)])
     for model, r, lr, values, average in PAPER_ROWS:
         rows.append([f"{model} (paper)", r, lr, *[f"{v:.1f}" for v in values], f"{average:.1f}", "–",
                      PAPER_TEST_EXAMPLES])
-    return _table(header, rows, right_from=1)
+    return markdown_grid(header, rows, right_from=1)
 
 
 def differences_table(runs: list, mode: str, reference: str = "lora_r32") -> str:
@@ -657,7 +647,7 @@ def differences_table(runs: list, mode: str, reference: str = "lora_r32") -> str
         rows.append([name, f"{100 * mean:+.1f}", f"[{100 * low:+.1f}, {100 * high:+.1f}]"])
     if not rows:
         return ""
-    return _table(["Run", f"Average − {reference} (points)", "95% CI (paired)"], rows, right_from=1)
+    return markdown_grid(["Run", f"Average − {reference} (points)", "95% CI (paired)"], rows, right_from=1)
 
 
 def _duration(seconds) -> str:
@@ -690,7 +680,7 @@ def costs_table(runs: list) -> str:
                 steps.append((f"evaluate ({mode})", record, f"{n} examples" + (", resumed" if record.get("resumed") else "")))
         rows += [[run["run"], step, _duration(r["wall_s"]), _memory(r["max_rss_bytes"]), _memory(r["cuda_peak_bytes"]),
                   note] for step, r, note in steps]
-    return _table(["Run", "Step", "Wall time", "Peak RSS", "Peak CUDA", "Notes"], rows, right_from=2)
+    return markdown_grid(["Run", "Step", "Wall time", "Peak RSS", "Peak CUDA", "Notes"], rows, right_from=2)
 
 
 def loss_curve_png(collected: dict) -> bytes:
