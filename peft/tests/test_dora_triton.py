@@ -9,8 +9,11 @@ get the same checks in-process on CPU.
 Every check compares against float64 math on the very inputs the kernel saw, so the
 tolerances are a few roundings of the output dtype.
 """
+import contextlib
 import importlib.util
+import itertools
 import json
+import warnings
 import os
 import subprocess
 import sys
@@ -292,6 +295,40 @@ def check_layer_bf16_matches_float64(device):
                                        msg=f"p={p} {name}")
 
 
+def check_layer_under_autocast_triton_equals_torch(device):
+    """The autocast rule (dora_kernels' docstring) on both paths: an fp32 base under bf16/fp16
+    autocast gives the same output dtype, values and fp32 gradients on Triton as on torch."""
+    for autocast_dtype, p, grad in itertools.product((torch.bfloat16, torch.float16), (0.0, 0.25), (True, False)):
+        results = []
+        for triton_on in (True, False):
+            torch.manual_seed(90)
+            base = nn.Linear(48, OUT, bias=True).to(device)
+            layer = dora_layer_cls()(base, r=8, lora_alpha=16, lora_dropout=p).train()
+            with torch.no_grad():
+                layer.lora_B.weight.normal_(0, 0.1)
+                layer.weight_m_wdecomp.weight.mul_(1.01)
+            gen = _generator(91)
+            if p:
+                layer.lora_dropout = FixedMaskDropout((torch.rand(T, 48, generator=gen) > p).float().to(device), p)
+            x = _randn(T, 48, dtype=torch.float32, device=device, gen=gen).requires_grad_(grad)
+            path = (lambda: contextlib.nullcontext()) if triton_on else dt.triton_disabled  # noqa: E731
+            with path(), torch.set_grad_enabled(grad), torch.autocast(device, dtype=autocast_dtype):
+                assert dt.use_triton(x.to(autocast_dtype)) == triton_on
+                y = layer(x)
+            assert y.dtype == autocast_dtype, y.dtype
+            grads = []
+            if grad:
+                with path():
+                    y.float().pow(2).sum().backward()
+                grads = [x.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad, layer.weight_m_wdecomp.weight.grad]
+                assert [t.dtype for t in grads] == [torch.float32] * 4
+            results.append([y] + grads)
+        tol = ULPS[autocast_dtype] * 4
+        for ours, theirs in zip(*results):
+            torch.testing.assert_close(ours.double(), theirs.double(), rtol=tol, atol=tol * theirs.abs().max().item(),
+                                       msg=f"{autocast_dtype} p={p} grad={grad}")
+
+
 def dora_layer_cls():
     from peft.tuners.dora import DoraLinear
 
@@ -308,6 +345,7 @@ KERNEL_CHECKS = {
 LAYER_CHECKS = {
     "layer_triton_path_equals_torch_path": check_layer_triton_path_equals_torch_path,
     "layer_bf16_matches_float64": check_layer_bf16_matches_float64,
+    "layer_under_autocast_triton_equals_torch": check_layer_under_autocast_triton_equals_torch,
 }
 ALL_CHECKS = {**KERNEL_CHECKS, **LAYER_CHECKS}
 
@@ -362,6 +400,80 @@ def test_use_triton_says_which_path():
         assert not dt.use_triton(cpu.cuda().double())
         with dt.triton_disabled():
             assert not dt.use_triton(cpu.cuda())
+
+
+# ---- a kernel that fails cannot take a run down ----------------------------------------------
+def _layer_run(p: float):
+    """Output and gradients of one DoRA layer step (train mode, fixed dropout mask)."""
+    torch.manual_seed(95)
+    layer = dora_layer_cls()(nn.Linear(48, OUT), r=8, lora_alpha=16, lora_dropout=p).train()
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(0, 0.1)
+    gen = _generator(96)
+    if p:
+        layer.lora_dropout = FixedMaskDropout((torch.rand(T, 48, generator=gen) > p).float(), p)
+    x = torch.randn(T, 48, generator=gen).requires_grad_(True)
+    y = layer(x)
+    y.pow(2).sum().backward()
+    with torch.no_grad():
+        y_eval = layer.eval()(x)
+    return [y, y_eval, x.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad, layer.weight_m_wdecomp.weight.grad]
+
+
+@pytest.fixture
+def failing_triton(monkeypatch):
+    """Make CPU tensors take the Triton path without the interpreter: every launch then fails
+    for real (no GPU driver), as a compile error or an unsupported GPU would on a real one."""
+    if not HAS_TRITON or HAS_CUDA:
+        pytest.skip("needs triton installed and no GPU (a CPU launch must fail)")
+    monkeypatch.setattr(dt, "TRITON_INTERPRET", True)
+    monkeypatch.setattr(dt, "KERNEL_MODE", "auto")
+    monkeypatch.setattr(dt, "_failure", None)
+    return monkeypatch
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_failed_kernel_falls_back_to_torch_with_one_warning(failing_triton, p):
+    with dt.triton_disabled():
+        expected = _layer_run(p)
+    assert dt.kernel_path() == "triton" and dt.use_triton(torch.empty(0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = _layer_run(p)
+        again = _layer_run(p)
+    ours = [w for w in caught if "Triton kernel" in str(w.message)]
+    assert len(ours) == 1, [str(w.message) for w in caught]
+    assert "uses the torch path from now on" in str(ours[0].message)
+    assert dt.kernel_path().startswith("torch (Triton failed: ") and not dt.use_triton(torch.empty(0))
+    for a, b, c in zip(got, again, expected):
+        assert torch.equal(a, c) and torch.equal(b, c)
+
+
+def test_kernel_failure_is_an_error_when_triton_is_required(failing_triton):
+    failing_triton.setattr(dt, "KERNEL_MODE", "1")
+    with pytest.raises(RuntimeError):
+        _layer_run(0.0)
+    assert dt.kernel_path() == "triton"  # no silent switch
+
+
+@pytest.mark.parametrize("value,expected", [("0", "torch (DORA_TRITON=0)"), ("1", "triton"), ("auto", "triton")])
+def test_dora_triton_environment_switch(value, expected):
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    code = ("import torch; from peft.tuners import dora_triton as dt; "
+            "print(dt.kernel_path(), '|', dt.use_triton(torch.empty(0)))")
+    env = dict(os.environ, TRITON_INTERPRET="1", DORA_TRITON=value, PYTHONPATH=SRC)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    path, uses = proc.stdout.strip().rsplit(" | ", 1)
+    assert path == expected and uses == str(value != "0")
+
+
+def test_bad_dora_triton_value_is_one_clear_error():
+    env = dict(os.environ, DORA_TRITON="yes", PYTHONPATH=SRC)
+    proc = subprocess.run([sys.executable, "-c", "import peft.tuners.dora_triton"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0 and "DORA_TRITON must be auto, 0 or 1, got 'yes'" in proc.stderr
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")

@@ -53,6 +53,8 @@ from ..config import AdapterConfigError, PeftType
 from .dora_kernels import (
     DoraDropoutLinearFunction,
     DoraLinearFunction,
+    autocast_off,
+    check_input_dtype,
     dora_linear_inference,
     optimizer_generation,
     tensor_key,
@@ -206,13 +208,14 @@ class DoraLinear(AdapterLayer):
     def weight_sq_norm(self) -> torch.Tensor:
         """||W||^2 per row (fp32), computed once and reused while W is unchanged."""
         self._check_full_weight()
+        weight = self.base_layer.weight
         if not self._norms_cacheable():
-            with torch.no_grad():
+            with torch.no_grad(), autocast_off(weight):
                 return rowwise_sq_norm(self._weight_source())
-        key = tensor_key(self.base_layer.weight)
+        key = tensor_key(weight)
         cache = self._weight_sq_norm_cache
         if cache is None or cache[0] != key:
-            with torch.no_grad():
+            with torch.no_grad(), autocast_off(weight):
                 cache = (key, rowwise_sq_norm(self._weight_source()))
             self._weight_sq_norm_cache = cache
         return cache[1]
@@ -243,10 +246,11 @@ class DoraLinear(AdapterLayer):
         return self._norm_cache[1]
 
     def _compute_direction_norm(self) -> torch.Tensor:
-        sq = factored_sq_norm(
-            self.weight_sq_norm(), self._weight_source(), self.lora_A.weight, self.lora_B.weight, self.scaling
-        )
-        return sq.clamp_min(NORM_SQ_EPS).sqrt()
+        with autocast_off(self.lora_B.weight):  # fp32 (or wider), whatever autocast says
+            sq = factored_sq_norm(
+                self.weight_sq_norm(), self._weight_source(), self.lora_A.weight, self.lora_B.weight, self.scaling
+            )
+            return sq.clamp_min(NORM_SQ_EPS).sqrt()
 
     def invalidate_norm_cache(self) -> None:
         """Forget cached norms (only needed after editing weights through ``.data``)."""
@@ -256,25 +260,39 @@ class DoraLinear(AdapterLayer):
     # ---- forward -----------------------------------------------------------------------
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The module docstring's equations, computed by ``dora_kernels`` (one base matmul
-        without dropout, two with it; no out x in temporary)."""
+        without dropout, two with it; no out x in temporary).
+
+        Precision (``dora_kernels``' rule): m, n, g stay fp32; the rest computes in the dtype
+        autocast would give the base ``nn.Linear`` (else the input's), and so does the output.
+        """
         self._check_full_weight()
         weight, bias = self.base_layer.weight, self.base_layer.bias
         lora_A = self.lora_A.weight if self.r > 0 else None
         lora_B = self.lora_B.weight if self.r > 0 else None
-        m = self.magnitude
-        n = self.direction_norm()
-        g = m / n
         dropout_active = self.training and not isinstance(self.lora_dropout, nn.Identity)
         if self.base_is_quantized:
+            with autocast_off(x):
+                m = self.magnitude
+                n = self.direction_norm()
+                g = m / n
             return self._quantized_forward(x, m, n, g, dropout_active)
-        if not dropout_active:  # y = g * (W x + s B A x) + b
-            if not torch.is_grad_enabled():
-                return dora_linear_inference(x, weight, bias, lora_A, lora_B, self.scaling, g)
-            return DoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, g, self.scaling)
-        # y = W x + (g - 1) * (W drop(x)) + g * s B A drop(x) + b, with g - 1 = (m - n) / n
-        x_drop = self.lora_dropout(x)
-        g_minus_1 = (m - n) / n
-        return DoraDropoutLinearFunction.apply(x, x_drop, weight, bias, lora_A, lora_B, g, g_minus_1, self.scaling)
+        dtype = check_input_dtype(x, weight)
+        with autocast_off(x):
+            m = self.magnitude
+            n = self.direction_norm()
+            g = m / n
+            x = x.to(dtype)  # autograd casts the gradient back to x's dtype
+            bias = bias.to(dtype) if bias is not None else None
+            if not dropout_active:  # y = g * (W x + s B A x) + b
+                if not torch.is_grad_enabled():
+                    return dora_linear_inference(x, weight, bias, lora_A, lora_B, self.scaling, g)
+                return DoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, g, self.scaling)
+            # y = W x + (g - 1) * (W drop(x)) + g * s B A drop(x) + b, with g - 1 = (m - n) / n
+            x_drop = self.lora_dropout(x)
+            g_minus_1 = (m - n) / n
+            return DoraDropoutLinearFunction.apply(
+                x, x_drop, weight, bias, lora_A, lora_B, g, g_minus_1, self.scaling
+            )
 
     def _quantized_forward(self, x, m, n, g, dropout_active: bool) -> torch.Tensor:
         """The same equations over a bitsandbytes base, with W x = base_layer(x) - b (plain autograd)."""
@@ -307,7 +325,8 @@ class DoraLinear(AdapterLayer):
     def lora_delta(self) -> torch.Tensor:
         """s * B A (out x in). Only merge/unmerge build it; the forward never does."""
         dtype = accumulation_dtype(self.lora_A.weight)
-        return (self.lora_B.weight.to(dtype) @ self.lora_A.weight.to(dtype)) * self.scaling
+        with autocast_off(self.lora_A.weight):
+            return (self.lora_B.weight.to(dtype) @ self.lora_A.weight.to(dtype)) * self.scaling
 
     # ---- merge -------------------------------------------------------------------------
     @torch.no_grad()
@@ -315,11 +334,12 @@ class DoraLinear(AdapterLayer):
         """W <- g * (W + s B A)."""
         self._check_can_merge()
         weight = self.base_layer.weight
-        g = self.magnitude / self.direction_norm()
-        v = weight.to(g.dtype)
-        if self.r > 0:
-            v = v + self.lora_delta().to(g.dtype)
-        weight.copy_((g.unsqueeze(1) * v).to(weight.dtype))
+        with autocast_off(weight):
+            g = self.magnitude / self.direction_norm()
+            v = weight.to(g.dtype)
+            if self.r > 0:
+                v = v + self.lora_delta().to(g.dtype)
+            weight.copy_((g.unsqueeze(1) * v).to(weight.dtype))
         self._merge_scale = g
         self.merged = True
 
@@ -329,10 +349,11 @@ class DoraLinear(AdapterLayer):
         self._check_can_unmerge()
         weight = self.base_layer.weight
         g = self._merge_scale
-        w = weight.to(g.dtype) / g.unsqueeze(1)
-        if self.r > 0:
-            w = w - self.lora_delta().to(g.dtype)
-        weight.copy_(w.to(weight.dtype))
+        with autocast_off(weight):
+            w = weight.to(g.dtype) / g.unsqueeze(1)
+            if self.r > 0:
+                w = w - self.lora_delta().to(g.dtype)
+            weight.copy_(w.to(weight.dtype))
         self._merge_scale = None
         self.merged = False
 

@@ -28,9 +28,33 @@ gradient with respect to everything upstream: the function returns the combined
 gradient for g and none for g1, which gives m, A and B exactly their true gradients.
 
 Magnitude-only layers are the same with no A, B (q = 0).
+
+Precision and autocast -- one rule for ``DoraLinearFunction``, ``DoraDropoutLinearFunction``
+and ``dora_linear_inference``, on the torch and the Triton path alike:
+
+    The layer computes in the dtype autocast would give the ``nn.Linear`` it replaces:
+    c = autocast's dtype for x's device when autocast is on there (fp64 inputs excepted, as
+    autocast leaves them alone), else x's dtype, which must then be W's dtype (as for
+    ``nn.Linear``). x, x_d and b are cast to c by the caller (autograd records the casts, so
+    an fp32 x gets an fp32 gradient); W, A and B are cast to c inside, for the matmuls only
+    (W again in backward rather than kept, so no extra copy of W lives until then). The
+    output is in c. g and g1 stay fp32 (the norm behind them is computed in fp32 with
+    autocast off), and every elementwise pass applies them in fp32 arithmetic: Triton in fp32
+    registers, torch as h + h * (g - 1) with the small g - 1 rounded to c, never g itself
+    (1 + 2^-9 does not exist in bf16, so a rounded g would erase small magnitude updates).
+    Forward and backward run with autocast off (``autocast_off``), whatever autocast state
+    the backward is called in. Gradients come back in each input's own dtype: fp32 for the
+    adapter's A, B and, through g, m.
+
+This is ``torch.amp.custom_fwd(cast_inputs=c)`` with two refinements, chosen after reading
+what torch and HF peft do: g is not cast (custom_fwd would cast every floating input, which
+rounds g as above), and W is cast inside rather than before (custom_fwd's cast of a frozen W
+would be saved for backward). HF peft's DoRA runs as plain ops under autocast, which also
+puts the matmuls in c and keeps the norm in fp32.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -66,20 +90,55 @@ def tensor_key(t: Optional[torch.Tensor]) -> tuple:
     return (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
 
 
+# ---- precision --------------------------------------------------------------------------------
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the layer computes in for input x (the module docstring's rule)."""
+    device_type = x.device.type
+    if x.dtype != torch.float64 and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def autocast_off(t: torch.Tensor):
+    """A context in which autocast is off for t's device (a no-op when it already is)."""
+    device_type = t.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+class PrecisionError(TypeError):
+    """Input and base weight dtypes that no rule can reconcile (outside autocast)."""
+
+
+def check_input_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The compute dtype for x, or a clear error where ``nn.Linear`` would fail too."""
+    dtype = compute_dtype(x)
+    if dtype == x.dtype and weight.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+        raise PrecisionError(
+            f"DoRA layer: input is {x.dtype} but the base weight is {weight.dtype}; cast the model to one "
+            "dtype or run under torch.autocast (as nn.Linear requires)"
+        )
+    return dtype
+
+
 # ---- helpers ------------------------------------------------------------------------------
 def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
 def dora_linear_inference(x, weight, bias, lora_A, lora_B, scaling, g) -> torch.Tensor:
-    """y = g * (x W^T + s (x A^T) B^T) + b with no autograd graph, in place where possible."""
+    """y = g * (x W^T + s (x A^T) B^T) + b with no autograd graph, in place where possible.
+
+    x and bias are already in the compute dtype; W, A, B are cast to it here.
+    """
     dtype = x.dtype
-    h = F.linear(x, weight)
-    if lora_A is not None:
-        xa = F.linear(x, lora_A.to(dtype))
-        h = h.add_(F.linear(xa, lora_B.to(dtype)), alpha=scaling)
-    h = h.mul_(g.to(dtype))
-    return h.add_(bias) if bias is not None else h
+    with autocast_off(x):
+        h = F.linear(x, weight.to(dtype))
+        if lora_A is not None:
+            xa = F.linear(x, lora_A.to(dtype))
+            h = h.add_(F.linear(xa, lora_B.to(dtype)), alpha=scaling)
+        return scale_columns_(h, g, bias)
 
 
 def _linear_grads(scaled_dy, dyg, x_lora, xa, weight, lora_A, lora_B, s, x_shape, need_input, need_A, need_B):
@@ -105,9 +164,14 @@ class DoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, g, scaling: float):
+        with autocast_off(x):
+            return DoraLinearFunction._forward(ctx, x, weight, bias, lora_A, lora_B, g, scaling)
+
+    @staticmethod
+    def _forward(ctx, x, weight, bias, lora_A, lora_B, g, scaling: float):
         dtype = x.dtype
         x2 = _flat(x)
-        h = x2 @ weight.t()
+        h = x2 @ weight.to(dtype).t()
         xa = None
         if lora_A is not None:
             a, b = lora_A.to(dtype), lora_B.to(dtype)
@@ -129,10 +193,16 @@ class DoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        with autocast_off(dy):
+            return DoraLinearFunction._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx, dy):
         x2, weight, lora_A, lora_B, g, xa, saved = ctx.saved_tensors
         s = ctx.scaling
-        dtype = dy.dtype
-        dy2 = _flat(dy)
+        dtype = x2.dtype
+        dy2 = _flat(dy).to(dtype)
+        weight = weight.to(dtype)
         need_x, _, need_bias, need_A, need_B, need_g, _ = ctx.needs_input_grad
 
         # dyg = dy * g and grad_g = sum_T(dy * h) in one pass; without bias the
@@ -157,11 +227,20 @@ class DoraDropoutLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, x_drop, weight, bias, lora_A, lora_B, g, g_minus_1, scaling: float):
+        with autocast_off(x):
+            return DoraDropoutLinearFunction._forward(
+                ctx, x, x_drop, weight, bias, lora_A, lora_B, g, g_minus_1, scaling
+            )
+
+    @staticmethod
+    def _forward(ctx, x, x_drop, weight, bias, lora_A, lora_B, g, g_minus_1, scaling: float):
         dtype = x.dtype
         x2, xd2 = _flat(x), _flat(x_drop)
-        p = xd2 @ weight.t()  # W x_d
+        w = weight.to(dtype)
+        p = xd2 @ w.t()  # W x_d
         # y = x W^T + g1 * p + b in one pass (p itself is kept for grad_g)
-        y, p = compose_dropout_forward(x2 @ weight.t(), p, None, g, g_minus_1, bias)
+        y, p = compose_dropout_forward(x2 @ w.t(), p, None, g, g_minus_1, bias)
+        del w
         xa = None
         if lora_A is not None:
             xa = xd2 @ lora_A.to(dtype).t()
@@ -175,10 +254,16 @@ class DoraDropoutLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        with autocast_off(dy):
+            return DoraDropoutLinearFunction._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx, dy):
         xd2, weight, lora_A, lora_B, g, g_minus_1, xa, p = ctx.saved_tensors
         s = ctx.scaling
-        dtype = dy.dtype
-        dy2 = _flat(dy)
+        dtype = xd2.dtype
+        dy2 = _flat(dy).to(dtype)
+        weight = weight.to(dtype)
         need_x, need_xd, _, need_bias, need_A, need_B, need_g, need_g1, _ = ctx.needs_input_grad
 
         # dyg1 = dy * g1 and sum_T(dy * p), one pass

@@ -18,6 +18,15 @@ tensor takes: Triton for CUDA tensors in fp32/fp16/bf16 when triton imports, and
 tensors too when ``TRITON_INTERPRET=1`` was set before this module was imported (how the
 tests check the kernels without a GPU). ``triton_disabled()`` forces the torch path.
 
+A kernel that fails (a compile error, an unsupported dtype or architecture, no driver)
+cannot take a run down: the failing call and every later one in the process take the torch
+path, with one warning naming the kernel and the error (``kernel_path()`` says which path
+runs, for benchmark records). The failure happens at launch, before the kernel writes
+anything, so the torch path starts from intact inputs. The environment variable
+``DORA_TRITON`` chooses: ``auto`` (the default, as above), ``0`` (torch only) or ``1``
+(Triton where it applies, and a kernel failure is an error, for testing a GPU set-up).
+Inside ``torch.compile`` a failure is always raised (a traced graph cannot switch paths).
+
 The column reduction of ``compose_backward`` is two-stage (per-program partial sums, then
 one program per column block adds them in a fixed order), so it is deterministic.
 """
@@ -25,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from typing import Iterator, Optional, Tuple
 
 import torch
@@ -46,6 +56,19 @@ TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _enabled = True
 
+
+def _mode_from_environment() -> str:
+    value = os.environ.get("DORA_TRITON", "auto").strip().lower() or "auto"
+    if value not in ("auto", "0", "1"):
+        raise ValueError(f"DORA_TRITON must be auto, 0 or 1, got {value!r}")
+    return value
+
+
+# "auto", "0" (torch only) or "1" (a kernel failure is an error); see the module docstring.
+KERNEL_MODE = _mode_from_environment()
+# Set by the first kernel failure in "auto" mode: "<kernel>: <error>"; from then on, torch.
+_failure: Optional[str] = None
+
 # Elementwise [T, out] tiles: 4096 elements per program, columns contiguous.
 _TILE_T = 32
 _TILE_N = 128
@@ -57,9 +80,52 @@ _REDUCTION_PROGRAMS = 1024
 
 def use_triton(t: torch.Tensor) -> bool:
     """True when the functions here run their Triton kernel for tensors like ``t``."""
-    if not (_enabled and TRITON_AVAILABLE) or t.dtype not in _KERNEL_DTYPES:
+    if not (_enabled and TRITON_AVAILABLE) or KERNEL_MODE == "0" or _failure is not None:
+        return False
+    if t.dtype not in _KERNEL_DTYPES:
         return False
     return t.is_cuda or (TRITON_INTERPRET and t.device.type == "cpu")
+
+
+def kernel_path() -> str:
+    """Which path the elementwise passes take in this process, for logs and benchmark records:
+    ``triton``, ``torch`` or ``torch (Triton failed: ...)``."""
+    if _failure is not None:
+        return f"torch (Triton failed: {_failure})"
+    if not TRITON_AVAILABLE:
+        return "torch (triton is not installed)"
+    if KERNEL_MODE == "0":
+        return "torch (DORA_TRITON=0)"
+    if not _enabled:
+        return "torch (triton_disabled)"
+    return "triton"
+
+
+_FAILED = object()
+
+
+def _run_kernel(name: str, launch, *args):
+    """``launch(*args)``, or ``_FAILED`` after a failure that switched to torch (``_kernel_failed``)."""
+    try:
+        return launch(*args)
+    except Exception as exc:  # noqa: BLE001 - any launch failure falls back (see the module docstring)
+        _kernel_failed(name, exc)
+        return _FAILED
+
+
+def _kernel_failed(name: str, exc: Exception) -> None:
+    """Switch this process to the torch path after a kernel failure (or re-raise where asked)."""
+    global _failure
+    if KERNEL_MODE == "1" or torch.compiler.is_compiling():
+        raise exc
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    _failure = f"{name}: {type(exc).__name__}: {message}"[:300]
+    warnings.warn(
+        f"DoRA's Triton kernel {_failure}; this process uses the torch path from now on "
+        "(results are unchanged; DORA_TRITON=0 skips Triton, DORA_TRITON=1 makes this an error)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 @contextlib.contextmanager
@@ -71,6 +137,14 @@ def triton_disabled() -> Iterator[None]:
         yield
     finally:
         _enabled = previous
+
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _g_minus_one(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """g - 1 in (at least) fp32, then rounded to ``dtype``: small, so it keeps its precision."""
+    return (g.to(torch.promote_types(g.dtype, torch.float32)) - 1).to(dtype)
 
 
 def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -225,13 +299,20 @@ def factored_norm(
     [r, r], all fp32 (wider stays on the torch path). Forward only: for the detached norm.
     """
     rank = lora_B.shape[1]
-    if not use_triton(weight_sq_norm) or weight_sq_norm.dtype != torch.float32 or rank == 0:
-        dtype = weight_sq_norm.dtype
-        b = lora_B.to(dtype)
-        cross = (b * w_at.to(dtype)).sum(dim=1)
-        quad = ((b @ aat.to(dtype)) * b).sum(dim=1)
-        sq = weight_sq_norm + (2.0 * scaling) * cross + (scaling * scaling) * quad
-        return sq.clamp_min(eps).sqrt()
+    if use_triton(weight_sq_norm) and weight_sq_norm.dtype == torch.float32 and rank > 0:
+        result = _run_kernel("factored_norm", _factored_norm_triton, weight_sq_norm, w_at, lora_B, aat, scaling, eps)
+        if result is not _FAILED:
+            return result
+    dtype = weight_sq_norm.dtype
+    b = lora_B.to(dtype)
+    cross = (b * w_at.to(dtype)).sum(dim=1)
+    quad = ((b @ aat.to(dtype)) * b).sum(dim=1)
+    sq = weight_sq_norm + (2.0 * scaling) * cross + (scaling * scaling) * quad
+    return sq.clamp_min(eps).sqrt()
+
+
+def _factored_norm_triton(weight_sq_norm, w_at, lora_B, aat, scaling, eps) -> torch.Tensor:
+    rank = lora_B.shape[1]
     out_features = weight_sq_norm.shape[0]
     w2, w_at, b, aat = (_vector_fp32(t) for t in (weight_sq_norm, w_at, lora_B, aat))
     n = torch.empty_like(w2)
@@ -260,16 +341,22 @@ def compose_dropout_forward(
     All [T, out] in the activation dtype; g, g1 [out]. ``base_x`` and ``p`` are consumed:
     y may live in base_x's buffer and h_drop in p's.
     """
-    if not use_triton(base_x) or base_x.numel() == 0:
-        dtype = base_x.dtype
-        y = base_x.addcmul_(p, g1.to(dtype))
-        h_drop = p
-        if q is not None:
-            y = y.addcmul_(q, g.to(dtype))
-            h_drop = p.add_(q)
-        if bias is not None:
-            y = y.add_(bias.to(dtype))
-        return y, h_drop
+    if use_triton(base_x) and base_x.numel() > 0:
+        result = _run_kernel("compose_dropout_forward", _compose_dropout_forward_triton, base_x, p, q, g, g1, bias)
+        if result is not _FAILED:
+            return result
+    dtype = base_x.dtype
+    y = base_x.addcmul_(p, g1.to(dtype))
+    h_drop = p
+    if q is not None:
+        y = y.addcmul_(q, g.to(dtype))
+        h_drop = p.add_(q)
+    if bias is not None:
+        y = y.add_(bias.to(dtype))
+    return y, h_drop
+
+
+def _compose_dropout_forward_triton(base_x, p, q, g, g1, bias) -> Tuple[torch.Tensor, torch.Tensor]:
     base_x, p = _rows_contiguous(base_x), _rows_contiguous(p)
     q = None if q is None else _rows_contiguous(q)
     num_rows, num_cols = base_x.shape
@@ -307,14 +394,25 @@ def compose_backward(
     grad_g is accumulated in (at least) fp32 and divided by g when ``divide_by_g`` (the
     saved tensor is y = g * h; columns with g == 0 give 0). ``need_dyg=False`` skips dyg.
     """
-    if not use_triton(dy) or dy.numel() == 0:
-        dtype = dy.dtype
-        grad_g = (dy * saved).sum(dim=0, dtype=torch.promote_types(dtype, torch.float32))
-        if divide_by_g:  # rows with g = 0 have y = 0, so their sum is already 0
-            grad_g = grad_g / torch.where(g == 0, torch.ones_like(g), g)
-        dyg = dy * g.to(dtype) if need_dyg else None
-        dyg1 = dy * g1.to(dtype) if g1 is not None else None
-        return dyg, dyg1, grad_g
+    if use_triton(dy) and dy.numel() > 0:
+        result = _run_kernel("compose_backward", _compose_backward_triton, dy, saved, g, g1, divide_by_g, need_dyg)
+        if result is not _FAILED:
+            return result
+    dtype = dy.dtype
+    grad_g = (dy * saved).sum(dim=0, dtype=torch.promote_types(dtype, torch.float32))
+    if divide_by_g:  # rows with g = 0 have y = 0, so their sum is already 0
+        grad_g = grad_g / torch.where(g == 0, torch.ones_like(g), g)
+    if not need_dyg:
+        dyg = None
+    elif dtype in _HALF_DTYPES:  # dy + dy * (g - 1), as scale_columns_
+        dyg = torch.addcmul(dy, dy, _g_minus_one(g, dtype))
+    else:
+        dyg = dy * g.to(dtype)
+    dyg1 = dy * g1.to(dtype) if g1 is not None else None
+    return dyg, dyg1, grad_g
+
+
+def _compose_backward_triton(dy, saved, g, g1, divide_by_g, need_dyg):
     dy, saved = _rows_contiguous(dy), _rows_contiguous(saved)
     num_rows, num_cols = dy.shape
     g_32 = _vector_fp32(g)
@@ -343,13 +441,22 @@ def scale_columns_(
 ) -> torch.Tensor:
     """y = h * g + bias, written into h (or into ``out`` when given, leaving h intact)."""
     dtype = h.dtype
-    if not use_triton(h) or h.numel() == 0:
-        if out is None:
-            y = h.mul_(g.to(dtype))
-            return y.add_(bias.to(dtype)) if bias is not None else y
-        if bias is None:
-            return torch.mul(h, g.to(dtype), out=out)
-        return torch.addcmul(bias.to(dtype).expand_as(h), h, g.to(dtype), out=out)
+    if use_triton(h) and h.numel() > 0:
+        result = _run_kernel("scale_columns_", _scale_columns_triton, h, g, bias, out)
+        if result is not _FAILED:
+            return result
+    if dtype in _HALF_DTYPES:  # h + h * (g - 1): g itself would round away near 1
+        y = torch.addcmul(h, h, _g_minus_one(g, dtype), out=h if out is None else out)
+        return y.add_(bias.to(dtype)) if bias is not None else y
+    if out is None:
+        y = h.mul_(g.to(dtype))
+        return y.add_(bias.to(dtype)) if bias is not None else y
+    if bias is None:
+        return torch.mul(h, g.to(dtype), out=out)
+    return torch.addcmul(bias.to(dtype).expand_as(h), h, g.to(dtype), out=out)
+
+
+def _scale_columns_triton(h, g, bias, out) -> torch.Tensor:
     if not h.is_contiguous():
         if out is None:  # in place on a strided tensor: compute contiguously, copy back
             return h.copy_(scale_columns_(h.contiguous(), g, bias))

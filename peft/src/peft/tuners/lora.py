@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import AdapterConfigError, PeftConfig, PeftType
+from .dora_kernels import autocast_off
 from .tuners_utils import (
     AdapterLayer,
     BaseTuner,
@@ -100,7 +101,8 @@ class LoraLinear(AdapterLayer):
     def lora_delta(self) -> torch.Tensor:
         """s * B A (out x in), in at least fp32. Only merge/unmerge build it; the forward never does."""
         dtype = accumulation_dtype(self.lora_A.weight)
-        return (self.lora_B.weight.to(dtype) @ self.lora_A.weight.to(dtype)) * self.scaling
+        with autocast_off(self.lora_A.weight):  # autocast would round the product to half precision
+            return (self.lora_B.weight.to(dtype) @ self.lora_A.weight.to(dtype)) * self.scaling
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
