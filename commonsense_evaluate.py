@@ -47,6 +47,8 @@ def parse_args(argv=None):
     parser.add_argument("--lora_weights", default=None, help="adapter folder (required unless --adapter none)")
     parser.add_argument("--batch_size", type=_positive_int, default=1)
     parser.add_argument("--load_8bit", action="store_true", default=False, help="LLM.int8 base weights (bitsandbytes)")
+    parser.add_argument("--dtype", choices=("auto", "fp16", "bf16", "fp32"), default="auto",
+                        help="base weights: auto = fp16 on CUDA (as the original), fp32 on CPU")
     parser.add_argument("--load_4bit", action="store_true", default=False, help="NF4 base weights, QLoRA/QDoRA (bitsandbytes)")
     parser.add_argument("--limit", type=_positive_int, default=None, help="evaluate only the first N rows")
     parser.add_argument("--output_dir", default="experiment")
@@ -95,7 +97,7 @@ def run(args):
     adapter, tasks = validate_inputs(args)
     model, tokenizer = load_model_for_eval(
         args.base_model, lora_weights=args.lora_weights, adapter=adapter,
-        load_8bit=args.load_8bit, load_4bit=args.load_4bit,
+        load_8bit=args.load_8bit, load_4bit=args.load_4bit, dtype=args.dtype,
     )
     run_info = RunInfo(model_name=args.model, adapter=adapter, base_model=args.base_model,
                        lora_weights=args.lora_weights)

@@ -180,6 +180,7 @@ class Worker:
             argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=child_environment(), cwd=REPO_ROOT
         )
         self.ready_info = None
+        self.kernel_path = None  # this repo's DoRA kernels: "triton" or "torch (...)"; None for others
 
     def _read_json(self) -> dict:
         while True:
@@ -196,7 +197,9 @@ class Worker:
     def time_iterations(self, count: int) -> list:
         self.process.stdin.write(f"time {count}\n")
         self.process.stdin.flush()
-        return self._read_json()["seconds"]
+        reply = self._read_json()
+        self.kernel_path = reply.get("kernel_path")
+        return reply["seconds"]
 
     def close(self) -> None:
         try:
@@ -222,7 +225,14 @@ def worker_serve(run_iteration, device: str, ready_info: dict) -> None:
                 run_iteration()
                 synchronize(device)
                 seconds.append(time.perf_counter() - start)
-            print(json.dumps({"seconds": seconds}), flush=True)
+            print(json.dumps({"seconds": seconds, "kernel_path": kernel_path(device)}), flush=True)
+
+
+def kernel_path(device: str):
+    """Which path this repo's DoRA elementwise passes took in this worker (None where the worker
+    runs HF peft or no DoRA of ours); recorded, since a Triton failure switches to torch."""
+    kernels = sys.modules.get("peft.tuners.dora_triton")
+    return kernels.kernel_path(device) if kernels is not None else None
 
 
 def run_interleaved(workers: list, rounds: int, iterations_per_round: int = 1) -> dict:
@@ -504,6 +514,7 @@ def measure_configuration(args, shape, rank, mode, dropout, probe_dir) -> dict:
             "all_ms": [1e3 * s for s in seconds[worker.name]],
             "peak_mib": worker.ready_info["peak_bytes"] / 2**20,
             "peft": worker.ready_info["peft"],
+            "kernel_path": worker.kernel_path,
         }
     numerics = {}
     for a, b in (("ours_dora", "hf_dora"), ("ours_dora", "original_dora"), ("ours_lora", "hf_lora")):

@@ -9,17 +9,17 @@
 # the pytest JUnit XML and the benchmarks' JSON go to $OUT when it is set (else
 # benchmarks/results/gpu_check). The exit status is the number of failed steps.
 #
-#   TIMEOUT_TESTS=120 TIMEOUT_LAYER=90 TIMEOUT_TRAIN=90 TIMEOUT_EVAL=120 TIMEOUT_QUANT=60 TIMEOUT_FSDP=60
+#   TIMEOUT_TESTS=150 TIMEOUT_LAYER=90 TIMEOUT_TRAIN=90 TIMEOUT_EVAL=90 TIMEOUT_QUANT=60 TIMEOUT_FSDP=60
 # The defaults add up to 540 s, under one device-tool command's 600 s limit.
 set -u
 cd "$(dirname "$0")/.."
 
 RESULTS="${OUT:-benchmarks/results/gpu_check}"
 mkdir -p "$RESULTS"
-TIMEOUT_TESTS="${TIMEOUT_TESTS:-120}"
+TIMEOUT_TESTS="${TIMEOUT_TESTS:-150}"
 TIMEOUT_LAYER="${TIMEOUT_LAYER:-90}"
 TIMEOUT_TRAIN="${TIMEOUT_TRAIN:-90}"
-TIMEOUT_EVAL="${TIMEOUT_EVAL:-120}"
+TIMEOUT_EVAL="${TIMEOUT_EVAL:-90}"
 TIMEOUT_FSDP="${TIMEOUT_FSDP:-60}"
 TIMEOUT_QUANT="${TIMEOUT_QUANT:-60}"
 
@@ -58,8 +58,11 @@ EOF
 
 # The GPU variants in test_dora_triton.py run in-process on CUDA (the interpreter ones run
 # too, in their CPU subprocess); -rs lists what was skipped, so a missing GPU shows.
+# test_precision_matrix.py adds its CUDA half of the dtype matrix (fp16 and bf16 autocast);
+# test_precision_training.py's CUDA tests run finetune.py with the seed's fp16 (GradScaler) and --bf16.
 step tests "$TIMEOUT_TESTS" "$PYTHON" -m pytest -q -rs \
     peft/tests/test_dora_triton.py peft/tests/test_dora_layer.py peft/tests/test_dora_fast_path.py \
+    peft/tests/test_precision_matrix.py tests/test_precision_training.py -k "not cpu" \
     --junitxml="$RESULTS/pytest_gpu.xml"
 
 step dora_layer "$TIMEOUT_LAYER" "$PYTHON" benchmarks/dora_layer.py --device cuda --out "$RESULTS/dora_layer_cuda.json"

@@ -228,6 +228,7 @@ def main(argv=None) -> None:
                 "adapted_modules": worker.ready_info["adapted_modules"],
                 "trainable_params": worker.ready_info["trainable_params"],
                 "peft": worker.ready_info["peft"],
+                "kernel_path": worker.kernel_path,
             }
         entries.append(entry)
         impl = entry["implementations"]

@@ -349,10 +349,20 @@ def pick_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def cuda_bf16_supported() -> bool:
+    """Whether the current GPU computes bf16 natively (compute capability 8.0+, or ROCm).
+
+    torch.cuda.is_bf16_supported() also says True where bf16 is only emulated (V100, T4:
+    no bf16 tensor cores, many times slower, and no bf16 Triton kernels), so emulation is
+    excluded here.
+    """
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def pick_dtype(dtype: str | torch.dtype = "auto", device: str = "cpu") -> torch.dtype:
     """Weight dtype for ``device``.
 
-    CUDA: fp16 by default (as the original); bf16 when asked and supported
+    CUDA: fp16 by default (as the original); bf16 when asked and the GPU has it natively
     (else fp16 with a warning); fp32 when asked.  CPU: always fp32, since half
     precision matmuls there are slow or unsupported.
     """
@@ -367,8 +377,8 @@ def pick_dtype(dtype: str | torch.dtype = "auto", device: str = "cpu") -> torch.
         return torch.float32
     if dtype == "auto":
         return torch.float16
-    if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-        warnings.warn("bf16 is not supported on this GPU; using fp16", stacklevel=3)
+    if dtype == torch.bfloat16 and not cuda_bf16_supported():
+        warnings.warn("bf16 is not supported natively on this GPU; using fp16", stacklevel=3)
         return torch.float16
     return dtype
 

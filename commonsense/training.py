@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import List, Optional, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 
@@ -27,7 +27,7 @@ from .distributed import (
     world_size,
 )
 from .io import atomic_write_json, check_writable_dir, fsync_files, kill_point
-from .models import configure_padding, load_base_model, load_tokenizer, pick_device
+from .models import configure_padding, cuda_bf16_supported, load_base_model, load_tokenizer, pick_device
 from .prompts import training_prompt, user_prompt
 
 
@@ -159,24 +159,60 @@ def _adapter_trainer_class():
                 fsync_files(folder)
                 atomic_write_json(marker, {"global_step": self.state.global_step})
 
+        # ---- non-finite values: stop, unless an fp16 loss scaler is going to skip the step ----
+        # An fp16 run's GradScaler finds its scale by overflowing: a step whose scaled gradients
+        # are inf/NaN is skipped (the weights untouched) and the scale halved. That is no error.
+        # A NaN that persists is: once the scale is down to MIN_LOSS_SCALE, halving it further
+        # cannot help, and the run stops as it would without a scaler.
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.skipped_steps: List[int] = []  # steps an fp16 loss scaler skipped
+            self._non_finite_loss_at: Optional[int] = None
+
+        def _loss_scaler(self):
+            scaler = getattr(self.accelerator, "scaler", None)
+            return scaler if scaler is not None and scaler.is_enabled() else None
+
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)
             step = self.state.global_step + 1  # the optimizer step this micro-batch belongs to
             kill_point("step", step)
             if not torch.isfinite(loss).all():  # checked here: Trainer's logging_nan_inf_filter hides it
-                raise self._non_finite("loss", step)
+                if self._loss_scaler() is None:
+                    raise self._non_finite("loss", step)
+                self._non_finite_loss_at = step  # judged with the gradients, in _get_grad_norm
             return loss
 
         def _get_grad_norm(self, model, grad_norm=None):
             grad_norm = super()._get_grad_norm(model, grad_norm)
             # Runs before optimizer.step(): stopping here keeps inf/NaN out of the weights.
-            if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)).all():
-                raise self._non_finite("gradient norm", self.state.global_step + 1)
+            step = self.state.global_step + 1
+            finite = grad_norm is None or bool(torch.isfinite(torch.as_tensor(grad_norm)).all())
+            loss_was_finite = self._non_finite_loss_at != step
+            self._non_finite_loss_at = None
+            scaler = self._loss_scaler()
+            what = "gradient norm" if loss_was_finite else "loss"
+            if scaler is None:
+                if not finite:
+                    raise self._non_finite(what, step)
+                return grad_norm
+            if finite and not loss_was_finite:
+                raise self._non_finite("loss", step, " with finite gradients: no loss scaler skips this step")
+            if not finite:
+                scale = float(scaler.get_scale())
+                if scale <= MIN_LOSS_SCALE:
+                    raise self._non_finite(what, step, f" with the fp16 loss scale down to {scale:g}")
+                self.skipped_steps.append(step)
+                if is_main_process():
+                    print(f"step {step}: non-finite fp16 {what} at loss scale {scale:g}; "
+                          f"the scaler skips the step and halves the scale")
             return grad_norm
 
-        def _non_finite(self, what: str, step: int) -> "NonFiniteError":
+        def _non_finite(self, what: str, step: int, detail: str = "") -> "NonFiniteError":
             last = newest_complete_checkpoint(self.args.output_dir)
-            return NonFiniteError(f"non-finite {what} at step {step} (last good checkpoint: {last or 'none yet'})")
+            return NonFiniteError(
+                f"non-finite {what} at step {step}{detail} (last good checkpoint: {last or 'none yet'})"
+            )
 
         def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
             kill_point("eval", self.state.global_step)
@@ -205,6 +241,10 @@ def _adapter_trainer_class():
 
 class NonFiniteError(FinetuneError):
     """The loss or the gradient norm became inf/NaN; training stops before the weights do."""
+
+
+# An fp16 loss scale at or below this that still overflows is a real NaN, not a scale to find.
+MIN_LOSS_SCALE = 1.0
 
 
 CHECKPOINT_COMPLETE = "checkpoint_complete.json"  # written last into checkpoint-N/
@@ -343,9 +383,7 @@ def train(
     device = pick_device()
     cuda = device == "cuda"
     fsdp = check_fsdp_setup(cuda, quantized=load_8bit or load_4bit)
-    # FSDP1 flattens a block's base weights and fp32 adapter into one shard, which needs one dtype:
-    # the base loads in fp32 and FSDP's mixed precision (fp16, or bf16 with --bf16) does the compute.
-    dtype = ("bf16" if bf16 else "fp16") if cuda and not fsdp else "fp32"
+    dtype, use_fp16, use_bf16 = training_precision(cuda, bf16, fsdp)
     device_map = {"": int(os.environ.get("LOCAL_RANK") or 0)} if (ddp and cuda) else None
     model = load_base_model(
         base_model,
@@ -376,11 +414,12 @@ def train(
         learning_rate=learning_rate,
         weight_decay=weight_decay,
         lr_scheduler_type="linear",
-        fp16=cuda and not bf16,
-        bf16=cuda and bf16,
+        fp16=use_fp16,
+        bf16=use_bf16,
         logging_steps=logging_steps,
         logging_first_step=True,
-        logging_nan_inf_filter=False,  # log a NaN as NaN (AdapterTrainer stops on it anyway)
+        # log a NaN as NaN (AdapterTrainer stops on it), except the steps an fp16 loss scaler skips
+        logging_nan_inf_filter=use_fp16,
         optim="adamw_torch",
         eval_strategy="steps" if val_data is not None else "no",
         save_strategy="steps",
@@ -398,6 +437,7 @@ def train(
         use_cpu=not cuda,
         remove_unused_columns=False,
     )
+    keep_one_device(args, processes)
     trainer = _adapter_trainer_class()(
         model=model,
         args=args,
@@ -414,6 +454,43 @@ def train(
         write_training_log(trainer, output_dir, elapsed)
         print(f"saved the {adapter.upper()} adapter to {output_dir}")
     return output_dir
+
+
+def training_precision(cuda: bool, bf16: bool, fsdp: bool) -> Tuple[str, bool, bool]:
+    """(base weight dtype, Trainer fp16, Trainer bf16) for a run.
+
+    CUDA: the seed's recipe, an fp16 base with fp16 autocast and loss scaling; ``--bf16`` loads
+    the base in bf16 and autocasts to bf16 (no scaler needed), on GPUs that support it. Under
+    FSDP the base loads in fp32 (FSDP1 flattens a block's base weights and fp32 adapter into one
+    shard, which needs one dtype) and FSDP's mixed precision computes in fp16 or bf16. CPU: an
+    fp32 base; ``--bf16`` trains through the Trainer's CPU bf16 autocast. The adapter is fp32
+    in every case.
+    """
+    if bf16 and cuda and not cuda_bf16_supported():
+        raise FinetuneError("--bf16: this GPU does not support bfloat16 (it needs compute capability 8.0+); "
+                            "leave --bf16 out to train in fp16 with loss scaling")
+    if not cuda:
+        return "fp32", False, bool(bf16)
+    if fsdp:
+        return "fp32", not bf16, bool(bf16)
+    return ("bf16" if bf16 else "fp16"), not bf16, bool(bf16)
+
+
+def keep_one_device(args, processes: int) -> None:
+    """One process trains on one device, so the global batch stays ``batch_size``.
+
+    With several visible GPUs and no launcher, the Trainer would wrap the model in
+    DataParallel and feed each step micro_batch_size x GPUs examples. The original kept one
+    process on one device (it marked the model model-parallel); so does this, and it says how
+    to use every GPU (one process each, same global batch).
+    """
+    if processes == 1 and args.n_gpu > 1:
+        if is_main_process():
+            print(f"note: {args.n_gpu} GPUs are visible but finetune.py runs as one process, so it trains on "
+                  f"one GPU; to use all of them with the same global batch, launch one process per GPU: "
+                  f"torchrun --standalone --nproc_per_node {args.n_gpu} finetune.py ... "
+                  f"(or the seed scripts with a GPU list such as 0,1)")
+        args._n_gpu = 1
 
 
 def locals_summary(values: dict) -> dict:
@@ -438,6 +515,7 @@ def write_training_log(trainer, output_dir: str, elapsed: float) -> None:
             "best_model_checkpoint": trainer.state.best_model_checkpoint,
             "global_step": trainer.state.global_step,
             "train_seconds": round(elapsed, 2),
+            "skipped_steps": trainer.skipped_steps,  # by the fp16 loss scaler (overflow)
             "peak_gpu_memory_bytes": peak,
             "device": pick_device(),
             "world_size": world_size(),

@@ -180,13 +180,28 @@ def test_half_dtype_on_cpu_warns_and_uses_fp32(tiny_llama_dir):
     assert model.dtype == torch.float32
 
 
+@pytest.mark.parametrize("major,emulated,expected", [(7, True, False), (7, False, False), (8, False, True), (9, True, True)])
+def test_bf16_support_excludes_emulation(monkeypatch, major, emulated, expected):
+    """A V100 or T4 (compute capability 7.x) 'supports' bf16 only by emulation: slow, no bf16 kernels."""
+    from types import SimpleNamespace
+
+    from commonsense.models import cuda_bf16_supported
+
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(major=major))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: emulated)
+    assert cuda_bf16_supported() is expected
+
+
 def test_pick_dtype_rules(monkeypatch):
     assert pick_dtype("auto", "cpu") == torch.float32
     assert pick_dtype("auto", "cuda") == torch.float16
     assert pick_dtype("fp32", "cuda:0") == torch.float32
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr("commonsense.models.cuda_bf16_supported", lambda: True)
     assert pick_dtype("bf16", "cuda") == torch.bfloat16
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr("commonsense.models.cuda_bf16_supported", lambda: False)
     with pytest.warns(UserWarning, match="bf16"):
         assert pick_dtype("bf16", "cuda") == torch.float16
     with pytest.raises(ModelLoadError):

@@ -6,8 +6,8 @@ autocast: the loss, each adapter gradient (cosine) and the logits agree within t
 dtype's tolerance; adapter weights and their gradients stay fp32; every adapter layer's
 output has the dtype the plain ``nn.Linear`` it wraps gives under the same conditions.
 The tolerances are per compute dtype and shared by LoRA and DoRA, so DoRA is held to what
-autocast gives LoRA. ``benchmarks/precision_check.py`` runs the CUDA variants (fp16 and
-bf16 autocast) on a GPU.
+autocast gives LoRA. On a machine with a GPU the same matrix also runs on CUDA (fp16 and
+bf16 autocast); ``benchmarks/gpu_check.sh`` runs this file there.
 """
 import copy
 import itertools
@@ -93,14 +93,16 @@ def record_output_dtypes(model: nn.Module, autocast):
     return seen, handles
 
 
-def run(model, ids, mode: str, merged: bool, autocast):
+def run(model, ids, mode: str, merged: bool, autocast, device: str = "cpu"):
     """(loss, logits, {adapter param: grad}, layer dtypes) for one combination."""
     model.train(mode == "train")
     if merged:
         model.merge_adapter()
     embeds = model.get_input_embeddings()(ids).detach().requires_grad_(mode != "no_grad")
     seen, handles = record_output_dtypes(model, autocast)
-    context = torch.autocast("cpu", dtype=autocast) if autocast else torch.autocast("cpu", enabled=False)
+    model.to(device)
+    ids = ids.to(device)
+    context = torch.autocast(device, dtype=autocast) if autocast else torch.autocast(device, enabled=False)
     grad_mode = torch.no_grad() if mode == "no_grad" else torch.enable_grad()
     with grad_mode, context:
         out = model(inputs_embeds=embeds, labels=ids)
@@ -111,19 +113,24 @@ def run(model, ids, mode: str, merged: bool, autocast):
         out.loss.backward()
         assert embeds.grad is not None and torch.isfinite(embeds.grad).all()
         grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    return out.loss.detach().double(), out.logits.detach().double(), grads, seen
+    grads = {n: g.cpu() if g is not None else None for n, g in grads.items()}
+    return out.loss.detach().double().cpu(), out.logits.detach().double().cpu(), grads, seen
 
 
 BASE_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 AUTOCASTS = [None, torch.bfloat16, torch.float16]
-COMBINATIONS = list(itertools.product(BASE_DTYPES, AUTOCASTS, [0.0, 0.1], ["train", "eval", "no_grad"],
+# The CPU always; the same matrix on CUDA (fp16 and bf16 autocast) when there is a GPU
+# (benchmarks/gpu_check.sh runs it there).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+COMBINATIONS = list(itertools.product(DEVICES, BASE_DTYPES, AUTOCASTS, [0.0, 0.1], ["train", "eval", "no_grad"],
                                       ["dora", "magnitude", "lora"], [False, True]))
 
 
 def _id(case):
-    base, autocast, p, mode, method, merged = case
+    device, base, autocast, p, mode, method, merged = case
     names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", None: "off"}
-    return f"{method}-base_{names[base]}-autocast_{names[autocast]}-p{p}-{mode}-{'merged' if merged else 'unmerged'}"
+    return (f"{device}-{method}-base_{names[base]}-autocast_{names[autocast]}-p{p}-{mode}-"
+            f"{'merged' if merged else 'unmerged'}")
 
 
 @pytest.fixture(scope="module")
@@ -156,13 +163,13 @@ def models():
 
 @pytest.mark.parametrize("case", COMBINATIONS, ids=[_id(c) for c in COMBINATIONS])
 def test_precision_matrix(case, references, models):
-    base, autocast, p, mode, method, merged = case
+    device, base, autocast, p, mode, method, merged = case
     ids, reference = references
     # A merged layer applies W' = g V to x: no dropout in any mode, so its reference is eval's.
     ref_mode = "eval" if merged and mode == "train" else mode
     ref_loss, ref_logits, ref_grads, _ = reference(method, p, ref_mode)
     model = models(method, p, base)
-    loss, logits, grads, seen = run(model, ids, mode, merged, autocast)
+    loss, logits, grads, seen = run(model, ids, mode, merged, autocast, device)
 
     compute = autocast if autocast is not None else base
     loss_tol, logit_tol, min_cosine = TOLERANCE[compute]

@@ -87,9 +87,9 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda or (TRITON_INTERPRET and t.device.type == "cpu")
 
 
-def kernel_path() -> str:
-    """Which path the elementwise passes take in this process, for logs and benchmark records:
-    ``triton``, ``torch`` or ``torch (Triton failed: ...)``."""
+def kernel_path(device: str = "cuda") -> str:
+    """Which path the elementwise passes take for ``device`` tensors in this process, for logs
+    and benchmark records: ``triton``, or ``torch (<why>)``, e.g. ``torch (Triton failed: ...)``."""
     if _failure is not None:
         return f"torch (Triton failed: {_failure})"
     if not TRITON_AVAILABLE:
@@ -98,6 +98,8 @@ def kernel_path() -> str:
         return "torch (DORA_TRITON=0)"
     if not _enabled:
         return "torch (triton_disabled)"
+    if torch.device(device).type == "cpu" and not TRITON_INTERPRET:
+        return "torch (CPU tensors; Triton runs on CUDA, or on the CPU under TRITON_INTERPRET=1)"
     return "triton"
 
 
