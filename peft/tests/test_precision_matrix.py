@@ -252,3 +252,12 @@ def test_mismatched_dtypes_without_autocast_is_one_clear_error():
     layer = next(m for m in model.modules() if isinstance(m, AdapterLayer))
     with pytest.raises(PrecisionError, match="input is torch.bfloat16 but the base weight is torch.float32"):
         layer(torch.randn(2, layer.in_features, dtype=torch.bfloat16))
+
+
+def test_meta_device_layer_runs_without_autocast_queries():
+    """Shape-only runs on the meta device (autocast has no meta backend to ask)."""
+    from peft.tuners.dora import DoraLinear
+
+    layer = DoraLinear(nn.Linear(8, 6, device="meta"), r=2, lora_alpha=4)
+    y = layer(torch.empty(3, 8, device="meta"))
+    assert y.device.type == "meta" and y.shape == (3, 6)

@@ -91,10 +91,18 @@ def tensor_key(t: Optional[torch.Tensor]) -> tuple:
 
 
 # ---- precision --------------------------------------------------------------------------------
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for this device type (never for types autocast does not know, e.g. meta)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the layer computes in for input x (the module docstring's rule)."""
     device_type = x.device.type
-    if x.dtype != torch.float64 and torch.is_autocast_enabled(device_type):
+    if x.dtype != torch.float64 and autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return x.dtype
 
@@ -102,7 +110,7 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 def autocast_off(t: torch.Tensor):
     """A context in which autocast is off for t's device (a no-op when it already is)."""
     device_type = t.device.type
-    if torch.is_autocast_enabled(device_type):
+    if autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 
@@ -114,7 +122,7 @@ class PrecisionError(TypeError):
 def check_input_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The compute dtype for x, or a clear error where ``nn.Linear`` would fail too."""
     dtype = compute_dtype(x)
-    if dtype == x.dtype and weight.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+    if dtype == x.dtype and weight.dtype != dtype and not autocast_enabled(x.device.type):
         raise PrecisionError(
             f"DoRA layer: input is {x.dtype} but the base weight is {weight.dtype}; cast the model to one "
             "dtype or run under torch.autocast (as nn.Linear requires)"
