@@ -142,3 +142,18 @@ def test_merge_into_quantized_weights_is_refused(cls):
     with pytest.raises(RuntimeError, match="cannot merge an adapter into 4bit base weights"):
         layer.merge()
     assert not layer.merged
+
+
+def test_small_magnitude_update_survives_a_half_precision_compute_dtype():
+    """A 4-bit base computing in bf16: g = 1.003 (not a bf16 number) must still scale the output."""
+    torch.manual_seed(4)
+    dense = nn.Linear(64, 48, bias=False)
+    base = bnb.nn.Linear4bit(64, 48, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    base.load_state_dict(dense.state_dict())
+    layer = DoraLinear(base.to("cpu"), r=0, lora_alpha=1)
+    with torch.no_grad():
+        layer.weight_m_wdecomp.weight.copy_(layer.direction_norm().unsqueeze(1) * 1.003)
+    x = torch.randn(2048, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    with torch.no_grad():
+        ratio = (layer(x).double().abs().sum() / layer.base_layer(x).double().abs().sum()).item()
+    assert abs(ratio - 1.003) < 3e-4, ratio

@@ -311,7 +311,7 @@ class DoraLinear(AdapterLayer):
             delta = low_rank(x)
             if delta is not None:
                 h = h + delta.to(dtype)
-            y = g.to(dtype) * h
+            y = h + ((m - n) / n).to(dtype) * h  # g * h with g - 1 rounded, not g (dora_kernels' rule)
             return y + bias if bias is not None else y
         # y = W x + (g - 1) * (W drop(x)) + g * s B A drop(x) + b
         x_drop = self.lora_dropout(x)
