@@ -132,6 +132,8 @@ def build_datasets(rows, tokenizer, cutoff_len: int, train_on_inputs: bool, val_
 def _adapter_trainer_class():
     from transformers import Trainer
 
+    from peft.tuners.sharding import keep_magnitude_fp32
+
     class AdapterTrainer(Trainer):
         """Checkpoints hold the adapter (fork format), not the frozen base model."""
 
@@ -168,6 +170,9 @@ def _adapter_trainer_class():
             super().__init__(*args, **kwargs)
             self.skipped_steps: List[int] = []  # steps an fp16 loss scaler skipped
             self._non_finite_loss_at: Optional[int] = None
+            if self.is_fsdp_enabled:  # before prepare() wraps the model: m stays fp32 under mixed precision
+                plugin = self.accelerator.state.fsdp_plugin
+                plugin.mixed_precision_policy = keep_magnitude_fp32(plugin.mixed_precision_policy)
 
         def _loss_scaler(self):
             scaler = getattr(self.accelerator, "scaler", None)

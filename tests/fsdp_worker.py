@@ -127,6 +127,48 @@ def load_into_shards(sharded, inner, values: dict, mode: str) -> None:
             param.copy_(distribute_tensor(value, param.device_mesh, param.placements))
 
 
+def mixed_precision_run(seed: int, rows, keep_fp32: bool) -> dict:
+    """FSDP1 with bf16 mixed precision: the dtype m has inside forward, the largest relative
+    error of the m the forward applied (g * n) against the fp32 master m, and whether backward
+    reaches m."""
+    from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from peft.tuners.dora import DoraMagnitude
+    from peft.tuners.sharding import keep_magnitude_fp32
+
+    config = DoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], Wdecompose_target_modules=["o_proj"],
+                        task_type="CAUSAL_LM")
+    model = get_peft_model(make_tiny_llama(seed=seed % 1000), config)
+    seen = {"m_dtypes": set(), "max_m_error": 0.0}
+    master = {}  # the fp32 magnitudes, by module
+
+    def record(module, args, output):
+        seen["m_dtypes"].add(str(module.weight.dtype))
+        applied = output[0].double() * args[0].double()  # g * n: the m this forward used
+        error = ((applied - master[module]) / master[module]).abs().max().item()
+        seen["max_m_error"] = max(seen["max_m_error"], error)
+
+    for module in model.modules():
+        if isinstance(module, DoraMagnitude):
+            master[module] = module.weight.detach().view(-1).double().clone()
+            module.register_forward_hook(record)
+    policy = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16, buffer_dtype=torch.bfloat16)
+    if keep_fp32:
+        keep_magnitude_fp32(policy)
+    sharded = FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}),
+                                       device_id=torch.device("cpu"), use_orig_params=True, mixed_precision=policy)
+    logits = sharded(input_ids=rows).logits
+    token_loss_sum(logits.float(), rows).backward()
+    with FullyShardedDataParallel.summon_full_params(sharded, with_grads=True):
+        magnitude_grads = [p.grad for n, p in sharded.named_parameters() if "weight_m_wdecomp" in n]
+        grads_ok = bool(magnitude_grads) and all(g is not None and torch.isfinite(g).all().item()
+                                                  and g.abs().sum().item() > 0 for g in magnitude_grads)
+    return {"m_dtypes": sorted(seen["m_dtypes"]), "max_m_error": seen["max_m_error"],
+            "logits_dtype": str(logits.dtype), "magnitude_grads_ok": grads_ok}
+
+
 def sharded_weight_error(action) -> str:
     try:
         action()
@@ -187,6 +229,12 @@ def main() -> None:
     # An adapted nn.Linear wrapped on its own is never unsharded around the DoRA code.
     wrapped_alone = shard(build_model(seed), mode, wrap_linear=True)
     results["linear_wrapped_alone_error"] = sharded_weight_error(lambda: wrapped_alone(input_ids=rows))
+
+    if mode == "fsdp1":
+        results["mixed_precision"] = {
+            "fixed": mixed_precision_run(seed, rows, keep_fp32=True),
+            "unfixed": mixed_precision_run(seed, rows, keep_fp32=False),
+        }
 
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
         json.dump(results, handle, indent=2)

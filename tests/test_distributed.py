@@ -208,9 +208,38 @@ def test_dora_under_fsdp_matches_one_process(tmp_path, mode):
             assert result[key] < 1e-5, (key, result)
         for key in ("norm_outside_forward_error", "linear_wrapped_alone_error"):
             assert "DoRA needs the full rows of the base weight" in result[key], (key, result[key])
+        if mode == "fsdp1":
+            check_fsdp_mixed_precision(result["mixed_precision"])
+
+
+def check_fsdp_mixed_precision(runs: dict) -> None:
+    """bf16 mixed precision: FSDP casts every parameter of a unit to bf16 for the forward. With
+    keep_magnitude_fp32 (what finetune.py applies) the magnitude stays fp32, so the m that g = m / n
+    applies is the fp32 master (error ~1e-7); without it m is bf16, off by up to one bf16 rounding
+    (2^-8 = 3.9e-3)."""
+    fixed, unfixed = runs["fixed"], runs["unfixed"]
+    assert fixed["m_dtypes"] == ["torch.float32"] and unfixed["m_dtypes"] == ["torch.bfloat16"], runs
+    assert fixed["logits_dtype"] == "torch.bfloat16"  # the rest still computes in bf16
+    assert fixed["magnitude_grads_ok"] and unfixed["magnitude_grads_ok"], runs
+    assert fixed["max_m_error"] < 1e-6 and unfixed["max_m_error"] > 1e-4, runs
 
 
 # ---- the checks without processes -----------------------------------------------------------
+def test_keep_magnitude_fp32_adds_the_magnitude_class_once():
+    from torch.distributed.fsdp import MixedPrecision, MixedPrecisionPolicy
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    from peft.tuners.dora import DoraMagnitude
+    from peft.tuners.sharding import keep_magnitude_fp32
+
+    policy = MixedPrecision(param_dtype=torch.bfloat16)
+    assert keep_magnitude_fp32(keep_magnitude_fp32(policy)) is policy
+    assert policy._module_classes_to_ignore == (_BatchNorm, DoraMagnitude)
+    assert keep_magnitude_fp32(None) is None
+    fsdp2 = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
+    assert keep_magnitude_fp32(fsdp2) is fsdp2 and not hasattr(fsdp2, "_module_classes_to_ignore")
+
+
 def test_sharded_or_freed_weights_are_refused():
     from peft.tuners.dora import DoraLinear
     from peft.tuners.sharding import ShardedWeightError, check_full_weight

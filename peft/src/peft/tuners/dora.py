@@ -138,6 +138,21 @@ def factored_sq_norm(
     return weight_sq_norm + (2.0 * scaling) * cross + (scaling * scaling) * quad
 
 
+class DoraMagnitude(nn.Linear):
+    """The magnitude m, one fp32 value per output row, kept as the original fork's
+    ``nn.Linear(1, out)`` so checkpoints keep the key ``weight_m_wdecomp.weight`` [out, 1].
+
+    Its forward turns the norm n into (g, g - 1) = (m / n, (m - n) / n). m is read only there,
+    which lets FSDP make it a unit of its own and keep it out of mixed precision: otherwise
+    FSDP would hand the forward m rounded to fp16/bf16, and g = m / n would carry that rounding
+    (see sharding.keep_magnitude_fp32).
+    """
+
+    def forward(self, n: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        m = self.weight.view(-1)
+        return m / n, (m - n) / n
+
+
 class DoraLinear(AdapterLayer):
     """A frozen ``nn.Linear`` with DoRA's magnitude ``m`` and, when r > 0, a LoRA direction update.
 
@@ -162,7 +177,7 @@ class DoraLinear(AdapterLayer):
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         device = base_layer.weight.device
         # Adapter weights are fp32 whatever the base dtype (as the original).
-        self.weight_m_wdecomp = nn.Linear(1, self.out_features, bias=False, device=device, dtype=torch.float32)
+        self.weight_m_wdecomp = DoraMagnitude(1, self.out_features, bias=False, device=device, dtype=torch.float32)
         if r > 0:
             self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
             self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
@@ -272,15 +287,11 @@ class DoraLinear(AdapterLayer):
         dropout_active = self.training and not isinstance(self.lora_dropout, nn.Identity)
         if self.base_is_quantized:
             with autocast_off(x):
-                m = self.magnitude
-                n = self.direction_norm()
-                g = m / n
-            return self._quantized_forward(x, m, n, g, dropout_active)
+                g, g_minus_1 = self.weight_m_wdecomp(self.direction_norm())
+            return self._quantized_forward(x, g, g_minus_1, dropout_active)
         dtype = check_input_dtype(x, weight)
         with autocast_off(x):
-            m = self.magnitude
-            n = self.direction_norm()
-            g = m / n
+            g, g_minus_1 = self.weight_m_wdecomp(self.direction_norm())  # m / n and (m - n) / n, fp32
             x = x.to(dtype)  # autograd casts the gradient back to x's dtype
             bias = bias.to(dtype) if bias is not None else None
             if not dropout_active:  # y = g * (W x + s B A x) + b
@@ -289,12 +300,11 @@ class DoraLinear(AdapterLayer):
                 return DoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, g, self.scaling)
             # y = W x + (g - 1) * (W drop(x)) + g * s B A drop(x) + b, with g - 1 = (m - n) / n
             x_drop = self.lora_dropout(x)
-            g_minus_1 = (m - n) / n
             return DoraDropoutLinearFunction.apply(
                 x, x_drop, weight, bias, lora_A, lora_B, g, g_minus_1, self.scaling
             )
 
-    def _quantized_forward(self, x, m, n, g, dropout_active: bool) -> torch.Tensor:
+    def _quantized_forward(self, x, g, g_minus_1, dropout_active: bool) -> torch.Tensor:
         """The same equations over a bitsandbytes base, with W x = base_layer(x) - b (plain autograd)."""
         bias = self.base_layer.bias
         base_out = self.base_layer(x)  # W x + b
@@ -311,14 +321,14 @@ class DoraLinear(AdapterLayer):
             delta = low_rank(x)
             if delta is not None:
                 h = h + delta.to(dtype)
-            y = h + ((m - n) / n).to(dtype) * h  # g * h with g - 1 rounded, not g (dora_kernels' rule)
+            y = h + g_minus_1.to(dtype) * h  # g * h with g - 1 rounded, not g (dora_kernels' rule)
             return y + bias if bias is not None else y
         # y = W x + (g - 1) * (W drop(x)) + g * s B A drop(x) + b
         x_drop = self.lora_dropout(x)
         dropped = self.base_layer(x_drop)
         if bias is not None:
             dropped = dropped - bias
-        y = base_out + ((m - n) / n).to(dtype) * dropped
+        y = base_out + g_minus_1.to(dtype) * dropped
         delta = low_rank(x_drop)
         return y + g.to(dtype) * delta.to(dtype) if delta is not None else y
 

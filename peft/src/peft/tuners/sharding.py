@@ -24,6 +24,14 @@ Two things about FSDP matter to a DoRA layer:
    FSDP1's unsharded weight is recognised by itself (:func:`is_fsdp_view`); FSDP2's is an
    ordinary parameter, so code that applies ``fully_shard`` calls ``set_norm_caching(model,
    False)`` first (``commonsense.training`` does so whenever accelerate runs FSDP).
+
+3. FSDP's mixed precision casts every parameter of a unit to the compute dtype for its
+   forward, the magnitude m included, so g = m / n would see m rounded to fp16 (2^-11) or
+   bf16 (2^-8): at initialisation g would miss 1 by up to that much, and updates to m smaller
+   than one rounding would not reach the forward. The magnitude is a module of its own
+   (``DoraMagnitude``), and :func:`keep_magnitude_fp32` lists its class among those FSDP1
+   leaves in full precision: FSDP then wraps each one as a small unit of its own, without
+   mixed precision, and g stays m / n in fp32 as everywhere else.
 """
 from __future__ import annotations
 
@@ -83,3 +91,19 @@ def set_norm_caching(model: nn.Module, enabled: bool) -> int:
         layer.cache_norms = enabled
         layer.invalidate_norm_cache()
     return len(layers)
+
+
+def keep_magnitude_fp32(mixed_precision):
+    """Make an FSDP1 ``MixedPrecision`` policy leave DoRA's magnitudes in fp32 (point 3 above).
+
+    Returns the policy (changed in place); None, or a policy without module classes to ignore
+    (FSDP2's), is returned unchanged.
+    """
+    if mixed_precision is None or not hasattr(mixed_precision, "_module_classes_to_ignore"):
+        return mixed_precision
+    from .dora import DoraMagnitude  # here: dora imports this module
+
+    classes = tuple(mixed_precision._module_classes_to_ignore)
+    if DoraMagnitude not in classes:
+        mixed_precision._module_classes_to_ignore = classes + (DoraMagnitude,)
+    return mixed_precision
