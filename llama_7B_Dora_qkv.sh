@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fine-tune LLaMA-7B with DoRA at a coarser granularity (paper Sec. 5.6, DoRA†): magnitude and
-# direction for q/k/v, magnitude only (--Wdecompose_target_modules) for o/gate/up/down; then
-# evaluate the eight test sets.
+# direction for q/k/v, magnitude only (--Wdecompose_target_modules) for o/gate/up/down. As in the
+# original, this script only trains: evaluate afterwards with llama_7B_Dora_eval.sh OUTPUT_DIR GPU_ID.
 #
 #   bash llama_7B_Dora_qkv.sh R ALPHA OUTPUT_DIR GPU_IDS
 #   bash llama_7B_Dora_qkv.sh 32 64 ./finetuned_result/dora_qkv_r32 0
@@ -18,5 +18,3 @@ data_path='commonsense_170k.json'
 seed_train "$base_model" "$data_path" 16 2e-4 \
     --target_modules '["q_proj", "k_proj", "v_proj"]' \
     --Wdecompose_target_modules '["o_proj", "gate_proj", "up_proj", "down_proj"]'
-
-evaluate_all_tasks "$GPU_IDS" LLaMA-7B DoRA "$base_model" "$OUTPUT_DIR"

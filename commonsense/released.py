@@ -69,9 +69,9 @@ RELEASED = {
         ReleasedModel("llama-7b", "LLama-7B", "LLaMA-7B", "yahma/llama-7b-hf", "llama_7B_Dora_eval.sh",
                       (4, 8, 16, 32, 64), _LLAMA_7B_SHAPES),
         ReleasedModel("llama2-7b", "LLama2-7B", "LLaMA2-7B", "meta-llama/Llama-2-7b-hf",
-                      "llama2_7B_Dora_eval.sh", (16, 32), _LLAMA_7B_SHAPES),
+                      "llama2_7B_DoRA_eval.sh", (16, 32), _LLAMA_7B_SHAPES),
         ReleasedModel("llama3-8b", "LLama3-8B", "LLaMA3-8B", "meta-llama/Meta-Llama-3-8B",
-                      "llama3_8B_Dora_eval.sh", (16, 32),
+                      "llama3_8B_DoRA_eval.sh", (16, 32),
                       dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                            num_attention_heads=32, num_key_value_heads=8, vocab_size=128256)),
     )

@@ -16,7 +16,7 @@
 # The original's LoRA/DoRA target modules (attention q,k,v and MLP up, down), as finetune.py takes them.
 TARGETS_QKVUD='["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]'
 
-SCRIPT_NAME=$(basename "$0")
+SCRIPT_NAME=${SCRIPT_ALIAS:-$(basename "$0")}  # an alias (llama2_7B_DoRA_r.sh, ...) passes the name typed
 CALLER_PWD=$PWD
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-python}

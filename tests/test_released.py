@@ -329,7 +329,7 @@ def test_check_without_base_model_uses_the_released_shapes(capsys, tmp_path, rel
     write_released_adapter(folder, llama3, r=1, alpha=2, seed=0, base_model="meta-llama/Meta-Llama-3-8B")
     code, out, err = run_main(capsys, "--check", folder, "--model", "llama3-8b")
     assert code == 0, err
-    assert out.strip().splitlines()[-1] == f"evaluate it with: sh llama3_8B_Dora_eval.sh {folder} 0"
+    assert out.strip().splitlines()[-1] == f"evaluate it with: sh llama3_8B_DoRA_eval.sh {folder} 0"
     # LLaMA-1 shapes differ (MLP 11008, no GQA); the 2-layer tiny adapter lacks 30 layers.
     for model, adapter, needle in (("llama-7b", folder, "shape mismatch"),
                                    ("llama3-8b", released_tiny[0], "450 missing key(s)")):
