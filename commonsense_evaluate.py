@@ -56,8 +56,11 @@ def parse_args(argv=None):
     parser.add_argument("--mode", choices=MODES, default="generate",
                         help="generate: beam search + answer regex (the original); "
                              "loglik: pick the most likely answer continuation")
-    parser.add_argument("--no_eos_stop", action="store_true",
-                        help="always generate 32 tokens, as transformers 4.36 did in the original")
+    eos = parser.add_mutually_exclusive_group()
+    eos.add_argument("--eos_stop", action="store_true",
+                     help="stop each beam at EOS (faster; the original always generates 32 tokens)")
+    eos.add_argument("--no_eos_stop", action="store_true",
+                     help="always generate 32 tokens, as the original: the default (kept for older commands)")
     parser.add_argument("--task_log_dir", default=None,
                         help="also append each task's output to DIR/<task>.txt (as the seed scripts' tee)")
     parser.add_argument("--verbose", action="store_true", help="print every example, as the original")
@@ -104,7 +107,7 @@ def run(args):
     summaries = evaluate_tasks(
         model, tokenizer, tasks, run=run_info, dataset_dir=args.dataset_dir, output_dir=args.output_dir,
         batch_size=args.batch_size, limit=args.limit,
-        settings=GenerationSettings(stop_at_eos=not args.no_eos_stop), mode=args.mode, verbose=args.verbose,
+        settings=GenerationSettings(stop_at_eos=args.eos_stop), mode=args.mode, verbose=args.verbose,
         task_log_dir=args.task_log_dir,
     )
     print("test finished")

@@ -5,7 +5,7 @@ piqa) under four settings and reports examples/s and the speedup over (a):
 
   (a) original   batch 1, 4 beams, no EOS stop (always 32 new tokens, as
                  transformers 4.36 did in the original code)
-  (b) batched    batch B, 4 beams, stop at EOS (the evaluation default)
+  (b) batched    batch B, 4 beams, stop at EOS (--eos_stop; the default is (c)'s 32 tokens)
   (c) batched    batch B, 4 beams, no EOS stop -- must give exactly (a)'s
                  predictions (batching is exact); the number of differences is printed
   (d) loglik     batch B examples per forward (each expanded to its choices)
@@ -107,7 +107,8 @@ def main(argv=None) -> int:
     configs = [
         ("a", "original: batch 1, 4 beams, no EOS stop (32 tokens)", "generate", 1,
          GenerationSettings(stop_at_eos=False)),
-        ("b", f"batched: batch {B}, 4 beams, EOS stop (default)", "generate", B, GenerationSettings()),
+        ("b", f"batched: batch {B}, 4 beams, EOS stop (--eos_stop)", "generate", B,
+         GenerationSettings(stop_at_eos=True)),
         ("c", f"batched: batch {B}, 4 beams, no EOS stop", "generate", B, GenerationSettings(stop_at_eos=False)),
         ("d", f"loglik: batch {B}", "loglik", B, None),
     ]

@@ -53,14 +53,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def evaluate(run_adapter: str, lora_weights, args, out: Path) -> list:
-    from commonsense.evaluation import RunInfo, evaluate_tasks, load_model_for_eval
+    from commonsense.evaluation import GenerationSettings, RunInfo, evaluate_tasks, load_model_for_eval
     from commonsense.tasks import TASK_NAMES
 
     model, tokenizer = load_model_for_eval(BASE_MODEL, lora_weights=lora_weights, adapter=run_adapter)
     run = RunInfo(model_name=MODEL_NAME, adapter=run_adapter, base_model=BASE_MODEL,
                   lora_weights=None if lora_weights is None else str(lora_weights))
+    # Beams stop at EOS (commonsense_evaluate.py --eos_stop): about 1.4x faster on a CPU than the
+    # original's always-32-tokens decoding, which the seed scripts keep.
     return evaluate_tasks(model, tokenizer, TASK_NAMES, run=run, dataset_dir=REPO_ROOT / "dataset",
-                          output_dir=out, batch_size=args.eval_batch_size, limit=args.eval_limit)
+                          output_dir=out, batch_size=args.eval_batch_size, limit=args.eval_limit,
+                          settings=GenerationSettings(stop_at_eos=True))
 
 
 def write_train_slice(out: Path, n_rows: int) -> Path:

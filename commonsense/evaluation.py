@@ -20,9 +20,11 @@ Deliberate differences, all about correctness or robustness, none about scoring:
 * batched generation is correct: left padding, an explicit attention mask and a
   pad token distinct from EOS where possible (the original passed no mask, so
   with ``batch_size > 1`` it attended to pad tokens);
-* by default generation stops at EOS. transformers 4.36 (the original's pin)
-  ignored the model's EOS when handed a fresh GenerationConfig, so every beam ran
-  the full 32 tokens; ``stop_at_eos=False`` reproduces that exactly (slower);
+* none in decoding by default: transformers 4.36 (the original's pin) ignored the
+  model's EOS when handed a fresh GenerationConfig, so every beam ran the full 32
+  tokens, and so does this by default (``stop_at_eos=False``). ``stop_at_eos=True``
+  (``--eos_stop``) stops beams at EOS: faster, but under beam search an early stop
+  can change which beam wins, so it is opt-in;
 * results are written atomically, finished examples are logged to
   ``{out}.partial.jsonl`` so an interrupted run resumes where it stopped, and a
   small ``{out stem}.summary.json`` records accuracy and run settings.
@@ -79,7 +81,7 @@ class GenerationSettings:
     num_beams: int = 4
     do_sample: bool = False
     max_new_tokens: int = 32
-    stop_at_eos: bool = True  # False = transformers-4.36 behaviour: always 32 new tokens
+    stop_at_eos: bool = False  # the original (transformers 4.36): always 32 new tokens; True stops at EOS
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -88,6 +88,20 @@ def test_no_eos_stop_generates_full_length(tiny):
     assert config.do_sample is False and config.num_beams == 4
 
 
+def test_the_original_protocol_is_the_default():
+    """Beam search for the full 32 tokens, as the original (transformers 4.36 ignored EOS); the
+    command line keeps it unless --eos_stop asks for early stopping."""
+    import commonsense_evaluate
+
+    assert GenerationSettings().stop_at_eos is False and GenerationSettings().max_new_tokens == 32
+    base = ["--dataset", "boolq", "--model", "LLaMA-7B", "--adapter", "none", "--base_model", "x"]
+    assert commonsense_evaluate.parse_args(base).eos_stop is False
+    assert commonsense_evaluate.parse_args(base + ["--no_eos_stop"]).eos_stop is False  # older commands
+    assert commonsense_evaluate.parse_args(base + ["--eos_stop"]).eos_stop is True
+    with pytest.raises(SystemExit):
+        commonsense_evaluate.parse_args(base + ["--eos_stop", "--no_eos_stop"])
+
+
 # --------------------------------------------------------------------------- output format
 
 def test_evaluate_task_writes_original_json_and_summary(tiny, tmp_path):
