@@ -475,8 +475,13 @@ def evaluate_task(
     mode: str = MODE,
     verbose=False,
     progress=True,
+    example_log=None,
 ) -> dict:
     """Evaluate one task; write the result JSON and its summary; return the summary.
+
+    Each example's record as the original printed it (instruction, output, prediction, label)
+    goes to stdout with `verbose`, else to the `example_log` stream when there is one (the task
+    log the seed scripts keep), so the terminal shows only progress and running accuracy.
 
     `mode` is "generate" (the original protocol) or "loglik" (:func:`score_choices`;
     `batch_size` then counts examples, each expanded to its choices in one forward).
@@ -529,8 +534,9 @@ def evaluate_task(
                 correct += scored["flag"]
                 new_records.append({"index": index, "result": scored})
                 if verbose:
-                    tqdm.write(f"{rows[index]['instruction']}\n{response}\nprediction: {scored['pred']}\n"
-                               f"label: {rows[index].get('answer')}")
+                    tqdm.write(example_record(rows[index], response, scored))
+                elif example_log is not None:
+                    example_log.write(example_record(rows[index], response, scored) + "\n")
             append_jsonl(partial, new_records)
             kill_point("eval_batch", batch_number)  # test-only crash hook (tests/test_evaluation.py)
             done += len(todo)
@@ -569,6 +575,11 @@ def evaluate_task(
     return summary
 
 
+def example_record(row: dict, response: str, scored: dict) -> str:
+    """One example as the original's evaluation printed it: instruction, output, prediction, label."""
+    return f"{row['instruction']}\n{response}\nprediction: {scored['pred']}\nlabel: {row.get('answer')}"
+
+
 def evaluate_tasks(
     model,
     tokenizer,
@@ -589,7 +600,8 @@ def evaluate_tasks(
 
     All test files are loaded and validated first, so a bad file fails before any
     generation time is spent. With `task_log_dir`, what each task prints is also appended
-    to `task_log_dir/<task>.txt` (the original scripts' per-task logs, from one process).
+    to `task_log_dir/<task>.txt` (the original scripts' per-task logs, from one process),
+    with every example's record (instruction, output, prediction, label) as the original's.
     """
     names = [get_task(name).name for name in task_names]
     rows_by_task = {name: load_rows(dataset_file(dataset_dir, name), task=name) for name in names}
@@ -597,9 +609,10 @@ def evaluate_tasks(
     for name in names:
         log = tee_stdout(child_path(task_log_dir, f"{name}.txt", "task log name")) if task_log_dir \
             else contextlib.nullcontext()
-        with log:
+        with log as log_file:
             summaries.append(evaluate_task(
                 model, tokenizer, name, rows_by_task[name], batch_size, result_path(output_dir, run, name, mode),
                 limit=limit, run=run, settings=settings, mode=mode, verbose=verbose, progress=progress,
+                example_log=log_file,
             ))
     return summaries

@@ -154,11 +154,14 @@ class _Tee:
 
 @contextlib.contextmanager
 def tee_stdout(path):
-    """Copy everything printed inside the block to `path` (appended, like `tee -a`)."""
+    """Copy everything printed inside the block to `path` (appended, like `tee -a`).
+
+    Yields the log file, for what should go to the log alone (through the same handle, so the
+    two stay in order)."""
     import sys
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as log:
         tee = _Tee(sys.stdout, log)
         with contextlib.redirect_stdout(tee):
-            yield
+            yield log

@@ -323,6 +323,35 @@ def test_task_log_dir_gets_each_tasks_output(monkeypatch, tmp_path):
     assert "winogrande: accuracy 0/4" in (logs / "winogrande.txt").read_text()
 
 
+def test_task_log_holds_every_example_as_the_original_printed_it(monkeypatch, tmp_path, capsys):
+    """instruction / output / prediction / label for every example, then the running accuracy
+    after each batch, in order; the terminal shows only progress lines unless --verbose."""
+    outputs = iter(["the correct answer is true", "I think false", "no idea", "the correct answer is false"])
+    monkeypatch.setattr(evaluation, "generate_responses", lambda model, tok, instructions, settings=None: [
+        next(outputs) for _ in instructions])
+    dataset_dir = tmp_path / "dataset"
+    rows = boolq_rows(4)
+    write_dataset(dataset_dir, "boolq", rows)
+    logs = tmp_path / "weights"
+    evaluate_tasks(None, None, ["boolq"], run=RunInfo(model_name="LLaMA-7B", adapter="DoRA"),
+                   dataset_dir=dataset_dir, output_dir=tmp_path / "exp", batch_size=2, progress=False,
+                   task_log_dir=logs)
+    log = (logs / "boolq.txt").read_text()
+    results = json.loads((tmp_path / "exp" / "LLaMA-7B-DoRA-boolq.json").read_text())
+    expected = []
+    for batch in (0, 1):
+        for i in (2 * batch, 2 * batch + 1):
+            expected += [rows[i]["instruction"], results[i]["output_pred"], f"prediction: {results[i]['pred']}",
+                         f"label: {rows[i]['answer']}"]
+        done = 2 * (batch + 1)
+        correct = sum(r["flag"] for r in results[:done])
+        expected.append(f"test:{batch + 1}/2 | accuracy {correct}  {correct / done}")
+    lines = log.splitlines()
+    assert lines[:len(expected)] == expected
+    assert f"boolq: accuracy {sum(r['flag'] for r in results)}/4" in log
+    assert rows[0]["instruction"] not in capsys.readouterr().out  # not on the terminal without --verbose
+
+
 def test_cli_sigkill_mid_task_then_rerun_gives_the_uninterrupted_result(tiny, tiny_dir, tmp_path):
     """SIGKILL (no cleanup at all) after the 2nd of 3 batches; the same command resumes from the log."""
     import signal
