@@ -15,10 +15,10 @@ add_repo_paths()
 def main() -> None:
     import fire
 
-    from commonsense.training import train
+    from commonsense.training import check_flags, train
 
     debug = "--debug" in sys.argv or any(a.startswith("--debug=") and a != "--debug=False" for a in sys.argv)
-    run_or_exit(lambda: fire.Fire(train), debug=debug)
+    run_or_exit(lambda: (check_flags(sys.argv[1:]), fire.Fire(train)), debug=debug)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ and writes no output file.
 """
 import argparse
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -113,6 +114,26 @@ def load_rows(path, task=None) -> list:
     if not data:
         raise DataError(f"{path}: contains no rows")
     return [_check_row(row, i, path, task) for i, row in enumerate(data)]
+
+
+def load_training_rows(data_path) -> list:
+    """Training rows from a JSON/JSONL file, or, as the original finetune.py allowed, from a
+    dataset that ``datasets.load_dataset`` can open by name (a hub id such as
+    ``yahma/alpaca-cleaned``, or a local dataset folder): its "train" split, validated like a file."""
+    text = str(data_path)
+    if Path(text).is_file() or text.endswith((".json", ".jsonl")):
+        return load_rows(text)
+    from datasets import load_dataset
+
+    try:
+        dataset = load_dataset(text, split="train")
+    except Exception as exc:  # noqa: BLE001 - offline, unknown id, no train split: one line names it
+        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0") else ""
+        first = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise DataError(f"data_path {text}: no such file, and loading it as a dataset{offline} failed: {first}") from None
+    if len(dataset) == 0:
+        raise DataError(f"data_path {text}: the dataset's train split has no rows")
+    return [_check_row(row, i, Path(text), None) for i, row in enumerate(dataset)]
 
 
 # --------------------------------------------------------------------------- building

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from typing import List, Optional, Tuple, Union
 
 import torch
 
-from .data import load_rows
+from .data import load_training_rows
 from .distributed import (
     check_fsdp_setup,
     fsdp_save_optimizer_and_scheduler,
@@ -244,6 +245,37 @@ def _adapter_trainer_class():
     return AdapterTrainer
 
 
+# Flags of the original finetune.py that this one does not take, and why (checked before any
+# work: fire would otherwise run the whole training and only then fail on the leftover flag).
+_BOTTLENECK = ("an option of LLM-Adapters' bottleneck adapter, which the original finetune.py carried; "
+               "this project trains LoRA and DoRA only (the adapters the DoRA paper compares)")
+ORIGINAL_ONLY_FLAGS = {
+    "lora_target_modules": "the original accepted it but never read it (--target_modules chose the modules); "
+                           "pass --target_modules",
+    "bottleneck_size": _BOTTLENECK,
+    "non_linearity": _BOTTLENECK,
+    "adapter_dropout": _BOTTLENECK,
+    "use_parallel_adapter": _BOTTLENECK,
+    "use_adapterp": _BOTTLENECK,
+    "scaling": _BOTTLENECK,
+    "num_virtual_tokens": "an option of LLM-Adapters' prefix tuning, which the original finetune.py carried; "
+                          "this project trains LoRA and DoRA only",
+}
+
+
+def check_flags(argv: List[str]) -> None:
+    """Refuse, in one line, any --flag that train() does not take (naming why, for the original's)."""
+    for word in argv:
+        if not word.startswith("--"):
+            continue
+        name = word[2:].split("=", 1)[0].replace("-", "_")
+        if name in TRAIN_FLAGS or name in ("help", "debug") or (name.startswith("no") and name[2:] in TRAIN_FLAGS):
+            continue  # --noflag: fire's way to pass False
+        if name in ORIGINAL_ONLY_FLAGS:
+            raise FinetuneError(f"--{name}: {ORIGINAL_ONLY_FLAGS[name]}")
+        raise FinetuneError(f"unknown flag --{name} (finetune.py's flags: {', '.join('--' + f for f in TRAIN_FLAGS)})")
+
+
 class NonFiniteError(FinetuneError):
     """The loss or the gradient norm became inf/NaN; training stops before the weights do."""
 
@@ -271,11 +303,36 @@ def newest_complete_checkpoint(output_dir: str) -> Optional[str]:
     return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
 
 
+def adapter_warm_start(resume_from_checkpoint) -> Optional[str]:
+    """The adapter folder to warm-start from, when ``resume_from_checkpoint`` names one.
+
+    As in the original, a folder holding an adapter but no Trainer state (a final adapter, a
+    released one) is not resumed: its weights are loaded and training starts at step 0 with a
+    fresh optimizer and schedule. A ``checkpoint-N`` folder is always a checkpoint (see
+    resolve_resume), even one cut off before its Trainer state was written.
+    """
+    if not resume_from_checkpoint or resume_from_checkpoint in ("auto", True, "True", "true"):
+        return None
+    folder = str(resume_from_checkpoint)
+    if not os.path.isdir(folder) or CHECKPOINT_NAME.fullmatch(os.path.basename(os.path.normpath(folder))):
+        return None
+    has_adapter = os.path.isfile(os.path.join(folder, "adapter_config.json")) and any(
+        os.path.isfile(os.path.join(folder, name)) for name in ("adapter_model.bin", "adapter_model.safetensors")
+    )
+    if has_adapter and not os.path.isfile(os.path.join(folder, "trainer_state.json")):
+        return folder
+    return None
+
+
+CHECKPOINT_NAME = re.compile(r"checkpoint-\d+")
+
+
 def resolve_resume(resume_from_checkpoint, output_dir: str):
     """``auto``: the newest complete checkpoint in output_dir (None if there is none); else the path.
 
     A checkpoint without its marker was cut off mid-save (a kill, a full disk): ``auto`` skips
-    it and an explicit path to it is an error.
+    it and an explicit path to it is an error. (An adapter folder is a warm start instead:
+    adapter_warm_start.)
     """
     if not resume_from_checkpoint:
         return None
@@ -347,7 +404,11 @@ def train(
         raise FinetuneError("please specify a --base_model, e.g. --base_model=smollm2-135m or yahma/llama-7b-hf")
     adapter = str(adapter_name).lower()
     if adapter not in ("lora", "dora"):
-        raise FinetuneError(f"adapter_name must be lora or dora, got {adapter_name!r}")
+        raise FinetuneError(
+            f"adapter_name must be lora or dora, got {adapter_name!r} (the original finetune.py also had "
+            "LLM-Adapters' bottleneck and prefix-tuning adapters; the DoRA paper compares LoRA and DoRA, so "
+            "only those two are carried)"
+        )
     processes = world_size()
     ddp = processes != 1
     accumulation_steps = check_batch_sizes(batch_size, micro_batch_size, processes)
@@ -369,9 +430,13 @@ def train(
         )
     peft_config = adapter_config_cls(**adapter_kwargs)  # validates r, alpha, dropout before any loading
     check_output_dir(output_dir)
-    rows = load_rows(data_path)
-    resume = resolve_resume(resume_from_checkpoint, output_dir)
-    if resume_from_checkpoint:
+    rows = load_training_rows(data_path)
+    warm_start = adapter_warm_start(resume_from_checkpoint)
+    resume = None if warm_start else resolve_resume(resume_from_checkpoint, output_dir)
+    if warm_start:
+        print(f"{warm_start} is an adapter, not a checkpoint: starting from its weights at step 0 "
+              "(fresh optimizer and schedule, as the original)")
+    elif resume_from_checkpoint:
         print(f"resuming from {resume}" if resume else f"no complete checkpoint in {output_dir}: starting from step 0")
 
     use_wandb = bool(wandb_project) or bool(os.environ.get("WANDB_PROJECT"))
@@ -402,6 +467,8 @@ def train(
     configure_padding(tokenizer, model)
     model = prepare_model_for_int8_training(model, use_gradient_checkpointing=use_gradient_checkpointing)
     model = get_peft_model(model, peft_config)
+    if warm_start:
+        load_adapter(model, warm_start)  # strict: the adapter must fit this run's r and target modules
     if fsdp:
         set_norm_caching(model, False)  # see peft/src/peft/tuners/sharding.py
     if is_main_process():
@@ -411,7 +478,9 @@ def train(
     args = TrainingArguments(
         output_dir=output_dir,
         per_device_train_batch_size=micro_batch_size,
-        per_device_eval_batch_size=micro_batch_size,
+        # The original left it at the Trainer's default, 8; the validation loss (which picks the best
+        # checkpoint) averages per-batch mean losses, so the eval batch size is part of the recipe.
+        per_device_eval_batch_size=8,
         gradient_accumulation_steps=accumulation_steps,
         warmup_steps=warmup_steps,
         num_train_epochs=num_epochs,

@@ -259,3 +259,26 @@ def test_demo_train_is_reproducible(tmp_path):
     result = run_cli("demo-slice", "--source", SHARED_SOURCE, "--out", out, "--per_task", "64", "--seed", "0")
     assert result.returncode == 0, result.stderr
     assert out.read_bytes() == (REPO_ROOT / "dataset" / "demo_train.json").read_bytes()
+
+
+def test_training_rows_from_a_dataset_name_as_the_original(tmp_path, monkeypatch):
+    """Not a file: opened with datasets.load_dataset (here a local dataset folder; a hub id
+    such as yahma/alpaca-cleaned takes the same path) and validated like a file."""
+    from commonsense.data import DataError, load_training_rows
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a local folder needs no network (this machine has none)
+    folder = tmp_path / "my_dataset"
+    folder.mkdir()
+    rows = [{"instruction": f"q{i}", "input": "", "output": f"a{i}"} for i in range(3)]
+    (folder / "train.json").write_text(json.dumps(rows))
+    assert load_training_rows(str(folder)) == rows
+    (folder / "train.json").write_text(json.dumps([{"instruction": "q"}]))
+    with pytest.raises(DataError, match="row 0: missing required field 'output'"):
+        load_training_rows(str(folder))
+    with pytest.raises(DataError) as err:
+        load_training_rows("some-org/no-such-dataset")
+    message = str(err.value)
+    assert message.startswith("data_path some-org/no-such-dataset: no such file, and loading it as a dataset "
+                              "(HF_HUB_OFFLINE is set) failed") and "\n" not in message
+    with pytest.raises(DataError, match="file not found"):
+        load_training_rows(str(tmp_path / "missing.json"))  # a .json path stays a file

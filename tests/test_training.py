@@ -189,6 +189,61 @@ def test_resume_from_checkpoint_gives_the_same_adapter(tmp_path, tiny_dir):
         torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=1e-5)
 
 
+def test_resume_from_an_adapter_folder_warm_starts_from_its_weights(tmp_path, tiny_dir):
+    """The original's behaviour: a final adapter (no Trainer state) given to --resume_from_checkpoint
+    is loaded as the starting weights, and training starts at step 0 with a fresh optimizer."""
+    common = ("--adapter_name", "dora", "--val_set_size", "0", "--save_step", "100", "--max_steps", "2",
+              "--lora_dropout", "0")
+    first = run_finetune(tmp_path, tiny_dir, "--output_dir", str(tmp_path / "first"), *common)
+    assert first.returncode == 0, first.stderr[-3000:]
+    start = torch.load(tmp_path / "first" / "adapter_model.bin", weights_only=True)
+    warm = run_finetune(tmp_path, tiny_dir, "--output_dir", str(tmp_path / "warm"), *common, "--learning_rate", "0",
+                        "--resume_from_checkpoint", str(tmp_path / "first"))
+    assert warm.returncode == 0, warm.stderr[-3000:]
+    assert "is an adapter, not a checkpoint: starting from its weights at step 0" in warm.stdout
+    log = json.loads((tmp_path / "warm" / "train_log.json").read_text())
+    assert log["global_step"] == 2  # from step 0, not resumed at the first run's step 2
+    got = torch.load(tmp_path / "warm" / "adapter_model.bin", weights_only=True)
+    for key in start:  # learning rate 0: the warm-started weights come out unchanged
+        torch.testing.assert_close(got[key], start[key], rtol=0, atol=0)
+    mismatched = run_finetune(tmp_path, tiny_dir, "--output_dir", str(tmp_path / "bad"), *common,
+                              "--lora_r", "2", "--resume_from_checkpoint", str(tmp_path / "first"))
+    assert mismatched.returncode == 2 and "shape" in mismatched.stderr.strip().splitlines()[-1]
+
+
+def test_original_only_flags_are_refused_with_the_reason_before_any_work(tmp_path, tiny_dir):
+    for flag, reason in (("--lora_target_modules", "never read it"), ("--bottleneck_size", "bottleneck adapter"),
+                         ("--num_virtual_tokens", "prefix tuning"), ("--no_such_flag", "unknown flag")):
+        run = run_finetune(tmp_path, tiny_dir, "--output_dir", str(tmp_path / "out"), flag, "3")
+        assert run.returncode == 2, flag
+        last = run.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: ") and reason in last, (flag, last)
+        assert not (tmp_path / "out").exists()
+
+
+def test_validation_batch_is_the_originals_trainer_default(monkeypatch, tmp_path, tiny_dir):
+    """The original left per_device_eval_batch_size at the Trainer's default (8)."""
+    from transformers import TrainingArguments
+
+    from commonsense import training
+
+    seen = {}
+    real = TrainingArguments.__init__
+
+    def spy(self, *args, **kwargs):
+        seen.update(kwargs)
+        real(self, *args, **kwargs)
+        raise KeyboardInterrupt  # stop before training
+
+    monkeypatch.setattr(TrainingArguments, "__init__", spy)
+    data = write_rows(tmp_path / "train.json")
+    with pytest.raises(KeyboardInterrupt):
+        training.train(base_model=str(tiny_dir), data_path=str(data), output_dir=str(tmp_path / "o"),
+                       micro_batch_size=4, batch_size=16, cutoff_len=512, val_set_size=4,
+                       target_modules="q_proj,v_proj")
+    assert seen["per_device_eval_batch_size"] == 8 and seen["per_device_train_batch_size"] == 4
+
+
 BAD_INPUTS = [
     ("data file missing", ["--data_path", "nope.json"], "file not found"),
     ("batch not a multiple", ["--batch_size", "5"], "not a multiple of micro_batch_size"),
