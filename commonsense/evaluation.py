@@ -167,12 +167,21 @@ def _import_peft_model():
 
 
 def check_adapter_folder(lora_weights) -> Path:
-    """The adapter folder must exist and hold a valid adapter_config.json (checked before loading the base)."""
+    """The adapter folder must exist and hold a valid adapter_config.json (checked before loading the base).
+
+    A hub repo id ("org/name", as the original accepted) is downloaded first, adapter files only,
+    into the hub cache (the fork's resolve_adapter_dir, which PeftModel.from_pretrained uses too).
+    """
     if lora_weights is None or not str(lora_weights).strip():
         raise EvaluationError("--lora_weights is required unless --adapter none")
     folder = Path(lora_weights).expanduser()
     if not folder.is_dir():
-        raise EvaluationError(f"adapter folder not found: {lora_weights}")
+        _import_peft_model()
+        from peft.utils.hub import looks_like_hub_repo, resolve_adapter_dir
+
+        if not looks_like_hub_repo(str(lora_weights)):
+            raise EvaluationError(f"adapter folder not found: {lora_weights}")
+        folder = Path(resolve_adapter_dir(str(lora_weights)))
     if not (folder / "adapter_config.json").is_file():
         raise EvaluationError(f"{lora_weights}: not an adapter folder (no adapter_config.json)")
     _import_peft_model()

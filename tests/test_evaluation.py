@@ -386,3 +386,50 @@ def test_cli_sigkill_mid_task_then_rerun_gives_the_uninterrupted_result(tiny, ti
     assert {k: v for k, v in summary.items() if k not in volatile} == \
         {k: v for k, v in expected.items() if k not in volatile}
     assert summary["resumed_examples"] == 4 and not partial_path(result).exists()
+
+
+def test_lora_weights_may_be_a_hub_repo_id(tiny_dir, tmp_path, monkeypatch):
+    """As the original: --lora_weights org/name downloads the adapter (adapter files only, into the
+    hub cache) and evaluates it; offline and not cached, it is one error line."""
+    import shutil
+
+    import huggingface_hub
+    from transformers import AutoModelForCausalLM
+
+    from peft import DoraConfig, get_peft_model
+
+    source = tmp_path / "published"
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir),
+                           DoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    model.save_pretrained(str(source))
+    asked = []
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, **kwargs):  # the hub, served from `source`
+        asked.append((repo_id, tuple(allow_patterns)))
+        snapshot = tmp_path / "cache" / repo_id.replace("/", "--")
+        shutil.copytree(source, snapshot, dirs_exist_ok=True)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    folder = evaluation.check_adapter_folder("some-org/dora-adapter")
+    assert (folder / "adapter_config.json").is_file()
+    assert asked[0] == ("some-org/dora-adapter", ("adapter_config.json", "adapter_model.safetensors",
+                                                   "adapter_model.bin"))
+    loaded, _ = load_model_for_eval(str(tiny_dir), lora_weights="some-org/dora-adapter", adapter="DoRA")
+    reference, _ = load_model_for_eval(str(tiny_dir), lora_weights=str(source), adapter="DoRA")
+    ids = torch.tensor([[1, 5, 9, 13]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+def test_lora_weights_hub_id_offline_is_one_error_line(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "empty_cache"))
+    run = subprocess.run([sys.executable, str(REPO_ROOT / "commonsense_evaluate.py"), "--model", "LLaMA-7B",
+                          "--adapter", "DoRA", "--dataset", "boolq", "--base_model", "x",
+                          "--lora_weights", "some-org/some-adapter", "--output_dir", str(tmp_path / "out")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines() == [
+        "error: adapter 'some-org/some-adapter' is not a local folder and could not be fetched from the hub "
+        "(HF_HUB_OFFLINE is set and it is not in the local hub cache); pass a local adapter folder instead"]
+    assert not (tmp_path / "out").exists()
