@@ -105,7 +105,10 @@ def normalize_adapter(name: str) -> str:
     try:
         return canonical[str(name).strip().lower()]
     except KeyError:
-        raise EvaluationError(f"unknown adapter {name!r}; choose from {', '.join(ADAPTERS)}") from None
+        why = ""
+        if str(name).strip().lower() in ("adapterp", "adapterh", "parallel"):
+            why = " (the original also listed LLM-Adapters' bottleneck adapters, which are not carried here)"
+        raise EvaluationError(f"unknown adapter {name!r}; choose from {', '.join(ADAPTERS)}{why}") from None
 
 
 def resolve_task_names(spec: str) -> list:

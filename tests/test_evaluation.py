@@ -433,3 +433,9 @@ def test_lora_weights_hub_id_offline_is_one_error_line(tmp_path):
         "error: adapter 'some-org/some-adapter' is not a local folder and could not be fetched from the hub "
         "(HF_HUB_OFFLINE is set and it is not in the local hub cache); pass a local adapter folder instead"]
     assert not (tmp_path / "out").exists()
+
+
+def test_the_originals_bottleneck_adapter_names_are_refused_with_the_reason():
+    with pytest.raises(evaluation.EvaluationError, match="bottleneck adapters, which are not carried"):
+        evaluation.normalize_adapter("AdapterH")
+    assert evaluation.normalize_adapter("dora") == "DoRA"
