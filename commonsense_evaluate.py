@@ -42,9 +42,10 @@ def parse_args(argv=None):
                         help="task name (boolq, piqa, social_i_qa, hellaswag, winogrande, ARC-Challenge, "
                              "ARC-Easy, openbookqa), a comma list, or 'all'")
     parser.add_argument("--model", required=True, choices=MODEL_NAMES, help="name used in output file names")
-    parser.add_argument("--adapter", required=True, help="LoRA, DoRA or none (case-insensitive)")
+    parser.add_argument("--adapter", required=True,
+                        help="LoRA, DoRA, FT (a fully fine-tuned --base_model) or none (case-insensitive)")
     parser.add_argument("--base_model", required=True, help="hub id, local model folder or smollm2-135m")
-    parser.add_argument("--lora_weights", default=None, help="adapter folder (required unless --adapter none)")
+    parser.add_argument("--lora_weights", default=None, help="adapter folder or hub id (required unless --adapter none or FT)")
     parser.add_argument("--batch_size", type=_positive_int, default=1)
     parser.add_argument("--load_8bit", action="store_true", default=False, help="LLM.int8 base weights (bitsandbytes)")
     parser.add_argument("--dtype", choices=("auto", "fp16", "bf16", "fp32"), default="auto",

@@ -56,7 +56,9 @@ from commonsense.tasks import TASK_NAMES, extract_answer, get_task
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-ADAPTERS = ("LoRA", "DoRA", "none")
+# FT: a fully fine-tuned model (finetune.py --adapter_name ft), given as --base_model; no adapter.
+ADAPTERS = ("LoRA", "DoRA", "FT", "none")
+NO_ADAPTER = ("FT", "none")
 MODEL_NAMES = ("LLaMA-7B", "LLaMA-13B", "LLaMA2-7B", "LLaMA3-8B", "SmolLM2-135M")
 MODE = "generate"  # the summary's "mode": free generation + regex, as the original
 LOGLIK = "loglik"  # rank the answer continuations by log-likelihood
@@ -195,12 +197,13 @@ def check_adapter_folder(lora_weights) -> Path:
 
 
 def check_adapter_args(adapter, lora_weights) -> str:
-    """Canonical adapter name; an adapter needs a folder, "none" must not get one."""
+    """Canonical adapter name; an adapter needs a folder, "none" and "FT" must not get one."""
     adapter = normalize_adapter(adapter)
-    if adapter == "none":
+    if adapter in NO_ADAPTER:
         if lora_weights:
             # Probably a mistake either way: refuse rather than guess which one was meant.
-            raise EvaluationError("--lora_weights given with --adapter none; drop one of them")
+            hint = " (a fully fine-tuned model is the --base_model folder)" if adapter == "FT" else ""
+            raise EvaluationError(f"--lora_weights given with --adapter {adapter}; drop one of them{hint}")
     else:
         check_adapter_folder(lora_weights)
     return adapter
@@ -233,7 +236,7 @@ def load_model_for_eval(
         load_4bit=load_4bit,
         trust_remote_code=trust_remote_code,
     )
-    if adapter != "none":
+    if adapter not in NO_ADAPTER:
         PeftModel = _import_peft_model()
         model = PeftModel.from_pretrained(model, str(lora_weights))
         if load_8bit or load_4bit:

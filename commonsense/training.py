@@ -27,6 +27,9 @@ from .distributed import (
     save_adapter,
     world_size,
 )
+from .full_finetune import FT, print_trainable, select_trainable
+from .full_finetune import check_options as check_full_finetune_options
+from .full_finetune import write_marker as write_full_finetune_marker
 from .io import atomic_write_json, check_writable_dir, fsync_files, kill_point
 from .models import configure_padding, cuda_bf16_supported, load_base_model, load_tokenizer, pick_device
 from .prompts import training_prompt, user_prompt
@@ -136,10 +139,17 @@ def _adapter_trainer_class():
     from peft.tuners.sharding import keep_magnitude_fp32
 
     class AdapterTrainer(Trainer):
-        """Checkpoints hold the adapter (fork format), not the frozen base model."""
+        """Checkpoints hold the adapter (fork format), not the frozen base model; with
+        ``full_model`` (full fine-tuning) they are the Trainer's own model checkpoints."""
+
+        full_model = False
 
         def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
             output_dir = output_dir or self.args.output_dir
+            if self.full_model:
+                super()._save(output_dir, state_dict=state_dict)
+                kill_point("save", self.state.global_step)
+                return
             if not self.args.should_save:
                 return
             os.makedirs(output_dir, exist_ok=True)
@@ -231,15 +241,23 @@ def _adapter_trainer_class():
                 super()._save_optimizer_and_scheduler(output_dir)
 
         def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+            if self.full_model:
+                return super()._load_from_checkpoint(resume_from_checkpoint, model)
             load_adapter(model or self.model, resume_from_checkpoint)
 
         def _load_best_model(self) -> None:
             if is_main_process():
                 print(f"loading the best checkpoint {self.state.best_model_checkpoint} (eval loss {self.state.best_metric})")
+            if self.full_model:
+                return super()._load_best_model()
             load_adapter(self.model, self.state.best_model_checkpoint)
 
         def save_adapter(self, output_dir: str, **save_kwargs) -> None:
-            """The final adapter, written once (by process 0); every process calls this."""
+            """The final adapter (or, for full fine-tuning, model), written once (by process 0);
+            every process calls this (FSDP gathers the state from all of them)."""
+            if self.full_model:
+                self.save_model(output_dir)
+                return
             save_adapter(self.accelerator, self.model, output_dir, self.args.should_save, **save_kwargs)
 
     return AdapterTrainer
@@ -391,6 +409,7 @@ def train(
     max_steps: int = -1,
     bf16: bool = False,
     safe_serialization: bool = False,
+    save_total_limit: int = 3,  # the original's; more keeps the intermediate steps (e.g. for analysis)
     trust_remote_code: bool = False,
     debug: bool = False,
 ) -> str:
@@ -403,9 +422,11 @@ def train(
     if not base_model:
         raise FinetuneError("please specify a --base_model, e.g. --base_model=smollm2-135m or yahma/llama-7b-hf")
     adapter = str(adapter_name).lower()
-    if adapter not in ("lora", "dora"):
+    full_model = adapter == FT
+    if adapter not in ("lora", "dora", FT):
         raise FinetuneError(
-            f"adapter_name must be lora or dora, got {adapter_name!r} (the original finetune.py also had "
+            f"adapter_name must be lora, dora or ft (full fine-tuning), got {adapter_name!r} (the original "
+            "finetune.py also had "
             "LLM-Adapters' bottleneck and prefix-tuning adapters; the DoRA paper compares LoRA and DoRA, so "
             "only those two are carried)"
         )
@@ -428,10 +449,14 @@ def train(
         adapter_kwargs.update(
             dora_simple=bool(dora_simple), Wdecompose_target_modules=parse_module_list(Wdecompose_target_modules)
         )
-    peft_config = adapter_config_cls(**adapter_kwargs)  # validates r, alpha, dropout before any loading
+    if full_model:
+        check_full_finetune_options(load_8bit, load_4bit, Wdecompose_target_modules)
+        peft_config = None
+    else:
+        peft_config = adapter_config_cls(**adapter_kwargs)  # validates r, alpha, dropout before any loading
     check_output_dir(output_dir)
     rows = load_training_rows(data_path)
-    warm_start = adapter_warm_start(resume_from_checkpoint)
+    warm_start = None if full_model else adapter_warm_start(resume_from_checkpoint)
     resume = None if warm_start else resolve_resume(resume_from_checkpoint, output_dir)
     if warm_start:
         print(f"{warm_start} is an adapter, not a checkpoint: starting from its weights at step 0 "
@@ -453,7 +478,7 @@ def train(
     device = pick_device()
     cuda = device == "cuda"
     fsdp = check_fsdp_setup(cuda, quantized=load_8bit or load_4bit)
-    dtype, use_fp16, use_bf16 = training_precision(cuda, bf16, fsdp)
+    dtype, use_fp16, use_bf16 = training_precision(cuda, bf16, fsdp, full_model)
     device_map = {"": int(os.environ.get("LOCAL_RANK") or 0)} if (ddp and cuda) else None
     model = load_base_model(
         base_model,
@@ -466,13 +491,18 @@ def train(
     tokenizer = load_tokenizer(base_model, trust_remote_code=trust_remote_code, padding_side="left")
     configure_padding(tokenizer, model)
     model = prepare_model_for_int8_training(model, use_gradient_checkpointing=use_gradient_checkpointing)
-    model = get_peft_model(model, peft_config)
-    if warm_start:
-        load_adapter(model, warm_start)  # strict: the adapter must fit this run's r and target modules
-    if fsdp:
-        set_norm_caching(model, False)  # see peft/src/peft/tuners/sharding.py
-    if is_main_process():
-        model.print_trainable_parameters()
+    if full_model:
+        trained_modules = select_trainable(model, parse_module_list(target_modules))
+        if is_main_process():
+            print_trainable(model, trained_modules)
+    else:
+        model = get_peft_model(model, peft_config)
+        if warm_start:
+            load_adapter(model, warm_start)  # strict: the adapter must fit this run's r and target modules
+        if fsdp:
+            set_norm_caching(model, False)  # see peft/src/peft/tuners/sharding.py
+        if is_main_process():
+            model.print_trainable_parameters()
 
     train_data, val_data = build_datasets(rows, tokenizer, cutoff_len, train_on_inputs, val_set_size, seed)
     args = TrainingArguments(
@@ -499,7 +529,7 @@ def train(
         save_strategy="steps",
         eval_steps=eval_step if val_data is not None else None,
         save_steps=save_step,
-        save_total_limit=3,
+        save_total_limit=save_total_limit,
         load_best_model_at_end=val_data is not None,
         metric_for_best_model="loss" if val_data is not None else None,
         ddp_find_unused_parameters=False if ddp else None,
@@ -512,7 +542,9 @@ def train(
         remove_unused_columns=False,
     )
     keep_one_device(args, processes)
-    trainer = _adapter_trainer_class()(
+    trainer_class = _adapter_trainer_class()
+    trainer_class.full_model = full_model
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=train_data,
@@ -525,12 +557,15 @@ def train(
     elapsed = time.time() - started
     trainer.save_adapter(output_dir, safe_serialization=safe_serialization)
     if trainer.args.should_save:
+        if full_model:  # a plain model folder: the tokenizer beside the weights, and what was trained
+            tokenizer.save_pretrained(output_dir)
+            write_full_finetune_marker(output_dir, base_model, trained_modules)
         write_training_log(trainer, output_dir, elapsed)
-        print(f"saved the {adapter.upper()} adapter to {output_dir}")
+        print(f"saved the {'fully fine-tuned model' if full_model else adapter.upper() + ' adapter'} to {output_dir}")
     return output_dir
 
 
-def training_precision(cuda: bool, bf16: bool, fsdp: bool) -> Tuple[str, bool, bool]:
+def training_precision(cuda: bool, bf16: bool, fsdp: bool, full_model: bool = False) -> Tuple[str, bool, bool]:
     """(base weight dtype, Trainer fp16, Trainer bf16) for a run.
 
     CUDA: the seed's recipe, an fp16 base with fp16 autocast and loss scaling; ``--bf16`` loads
@@ -538,14 +573,15 @@ def training_precision(cuda: bool, bf16: bool, fsdp: bool) -> Tuple[str, bool, b
     FSDP the base loads in fp32 (FSDP1 flattens a block's base weights and fp32 adapter into one
     shard, which needs one dtype) and FSDP's mixed precision computes in fp16 or bf16. CPU: an
     fp32 base; ``--bf16`` trains through the Trainer's CPU bf16 autocast. The adapter is fp32
-    in every case.
+    in every case. Full fine-tuning trains the base itself, so it loads in fp32 everywhere
+    (fp32 master weights) and autocast does the half-precision compute.
     """
     if bf16 and cuda and not cuda_bf16_supported():
         raise FinetuneError("--bf16: this GPU does not support bfloat16 (it needs compute capability 8.0+); "
                             "leave --bf16 out to train in fp16 with loss scaling")
     if not cuda:
         return "fp32", False, bool(bf16)
-    if fsdp:
+    if fsdp or full_model:
         return "fp32", not bf16, bool(bf16)
     return ("bf16" if bf16 else "fp16"), not bf16, bool(bf16)
 
