@@ -309,8 +309,13 @@ def summary(rows: List[dict]) -> List[dict]:
     for (run, module), group in groups.items():
         slope, r = fit([(g["delta_d"], g["delta_m"]) for g in group])
         steps = sorted({g["step"] for g in group}, key=step_order)
+        # Pooled over steps, both changes grow with training, which pulls r up; across the layers
+        # of one step that growth is absent.
+        within = [fit([(g["delta_d"], g["delta_m"]) for g in group if g["step"] == step])[1] for step in steps]
+        within = [w for w in within if w == w]
         out.append(dict(run=run, method=group[0]["method"], module=module, points=len(group), steps=steps,
-                        slope=slope, pearson_r=r))
+                        slope=slope, pearson_r=r,
+                        within_step_r=sum(within) / len(within) if within else float("nan")))
     return out
 
 
@@ -337,9 +342,10 @@ def write_outputs(rows: List[dict], output_dir, peak_rss: Optional[int] = None) 
     plot_scatter(rows, fits, out / "decomposition.png")
     plot_layers(rows, out / "decomposition_layers.png")
     table = markdown_grid(
-        ["Run", "Method", "Module", "Points (layers x steps)", "Steps", "Slope dM/dD", "Pearson r"],
+        ["Run", "Method", "Module", "Points (layers x steps)", "Steps", "Slope dM/dD", "Pearson r",
+         "Mean r within a step"],
         [[f["run"], f["method"], f["module"], str(f["points"]), ", ".join(f["steps"]), f"{f['slope']:.4g}",
-          f"{f['pearson_r']:+.3f}"] for f in fits],
+          f"{f['pearson_r']:+.3f}", f"{f['within_step_r']:+.3f}"] for f in fits],
         right_from=3,
     )
     text = ("# Weight decomposition: magnitude and direction changes\n\n" + table + "\n\n"

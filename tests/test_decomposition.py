@@ -234,3 +234,15 @@ def test_bad_input_is_one_line(base_dir, tmp_path, case, message):
     assert not (tmp_path / "out").exists()
     with pytest.raises(DecompositionError):
         raise DecompositionError(message)  # the error type the library raises for these
+
+
+def test_within_step_correlation_separates_growth_over_steps():
+    """Pooled over steps, both changes grow together (r > 0); within each step they fall (r = -1)."""
+    from commonsense.decomposition import summary
+
+    rows = [dict(run="R", method="FT", module="q_proj", step=step, layer=layer,
+                 delta_d=base + 0.1 * layer, delta_m=base - 0.1 * layer)
+            for step, base in (("1", 1.0), ("2", 2.0), ("final", 3.0)) for layer in range(3)]
+    (fit_row,) = summary(rows)
+    assert fit_row["pearson_r"] > 0.9 and fit_row["within_step_r"] == pytest.approx(-1.0)
+    assert fit_row["steps"] == ["1", "2", "final"]

@@ -44,18 +44,23 @@ def data_path(tmp_path_factory):
     return path
 
 
-def finetune(launcher, out: Path, tiny_dir, data_path, *extra, gpu=False):
+DORA_ARGS = ("--adapter_name", "dora", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0",
+             "--target_modules", '["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]')
+FT_ARGS = ("--adapter_name", "ft", "--learning_rate", "1e-3")
+
+
+def finetune(launcher, out: Path, tiny_dir, data_path, *extra, gpu=False, method_args=DORA_ARGS):
     """finetune.py with the seed scripts' recipe shrunk: global batch 4 (micro 2), 6 steps (1.5
     epochs of 16 rows), evaluation and a checkpoint every 2 steps, gradient checkpointing.
     On the CPU (gloo) unless ``gpu``."""
+    learning_rate = () if "--learning_rate" in method_args else ("--learning_rate", "1e-2")
     cmd = [
         *launcher, str(REPO_ROOT / "finetune.py"),
         "--base_model", str(tiny_dir), "--data_path", str(data_path), "--output_dir", str(out),
-        "--adapter_name", "dora", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0",
-        "--target_modules", '["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]',
+        *method_args, *learning_rate,
         "--batch_size", "4", "--micro_batch_size", "2", "--max_steps", "6", "--cutoff_len", "512",
         "--val_set_size", "8", "--eval_step", "2", "--save_step", "2",
-        "--warmup_steps", "1", "--learning_rate", "1e-2", "--use_gradient_checkpointing", *extra,
+        "--warmup_steps", "1", "--use_gradient_checkpointing", *extra,
     ]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     if not gpu:
@@ -180,6 +185,39 @@ def test_accelerate_fsdp_on_gpus(tmp_path, tiny_dir, data_path):
     for step in (2, 4, 6):
         names = {p.name for p in (out / f"checkpoint-{step}").iterdir()}
         assert "adapter_model.bin" in names and not any(n.startswith("pytorch_model") for n in names), names
+
+
+def model_weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_full_finetune_under_torchrun_ddp_matches_one_process(tmp_path, tiny_dir, data_path):
+    """FT under DDP: the same weights as one process (the model folder written once, by process 0)."""
+    one, ddp = tmp_path / "one", tmp_path / "ddp"
+    finetune([sys.executable], one, tiny_dir, data_path, method_args=FT_ARGS)
+    run = finetune(TORCHRUN, ddp, tiny_dir, data_path, method_args=FT_ARGS)
+    assert (run.stdout + run.stderr).count("saved the fully fine-tuned model to") == 1
+    expected, got = model_weights(one), model_weights(ddp)
+    assert got.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], **ADAPTER_TOLERANCE, msg=key)
+    assert [l for _, l in eval_losses(ddp)] == pytest.approx([l for _, l in eval_losses(one)], rel=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="accelerate runs FSDP only on GPUs (benchmarks/gpu_check.sh)")
+def test_accelerate_fsdp_on_gpus_full_finetune(tmp_path, tiny_dir, data_path):
+    """FT under FSDP: the full state is gathered on save into one plain model folder."""
+    processes = min(torch.cuda.device_count(), 2)
+    one, out = tmp_path / "one", tmp_path / "fsdp"
+    finetune([sys.executable], one, tiny_dir, data_path, gpu=True, method_args=FT_ARGS)
+    finetune([*ACCELERATE, "--config_file", str(REPO_ROOT / "configs" / "accelerate_fsdp.yaml"),
+              "--num_processes", str(processes)], out, tiny_dir, data_path, gpu=True, method_args=FT_ARGS)
+    got, expected = model_weights(out), model_weights(one)
+    assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in expected.items()}
+    for (_, a), (_, b) in zip(eval_losses(out), eval_losses(one)):
+        assert a == pytest.approx(b, rel=1e-2)
 
 
 # ---- DoRA under FSDP ------------------------------------------------------------------------
