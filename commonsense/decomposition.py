@@ -245,9 +245,14 @@ def base_folder(base_model: str) -> Path:
     if Path(resolved).is_dir():
         return Path(resolved)
     if is_hub_id(resolved):
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import list_repo_files, snapshot_download
 
-        return Path(snapshot_download(resolved, allow_patterns=["*.json", "*.safetensors"]))
+        try:  # the weights in one format only (LLaMA-1 repos such as yahma/llama-7b-hf have .bin shards)
+            files = list_repo_files(resolved)
+            weights = ["*.safetensors"] if any(f.endswith(".safetensors") for f in files) else ["*.bin"]
+        except Exception:  # noqa: BLE001 - offline: take what the cache has
+            weights = ["*.safetensors", "*.bin"]
+        return Path(snapshot_download(resolved, allow_patterns=["*.json", *weights]))
     raise DecompositionError(f"base model {base_model!r} is not a local folder")
 
 

@@ -43,8 +43,15 @@ train() {  # train NAME FLAGS...: one finetune.py run, skipped once it has finis
 train FT --adapter_name ft --learning_rate 2e-5
 train LoRA --adapter_name lora --lora_r 32 --lora_alpha 64 --learning_rate 3e-4 --target_modules q_proj,v_proj
 train DoRA --adapter_name dora --lora_r 32 --lora_alpha 64 --learning_rate 2e-4 --target_modules q_proj,v_proj
+# A second view: the adapters on the seed's q/k/v/up/down (the analysis still reads q_proj and v_proj).
+QKVUD=q_proj,k_proj,v_proj,up_proj,down_proj
+train LoRA_qkvud --adapter_name lora --lora_r 32 --lora_alpha 64 --learning_rate 3e-4 --target_modules $QKVUD
+train DoRA_qkvud --adapter_name dora --lora_r 32 --lora_alpha 64 --learning_rate 2e-4 --target_modules $QKVUD
 
 if [[ $ANALYZE == 1 ]]; then
     "$PYTHON" analyze_decomposition.py --base_model smollm2-135m \
         --runs FT="$RUNS/FT" LoRA="$RUNS/LoRA" DoRA="$RUNS/DoRA" --modules q_proj v_proj --output_dir "$OUT"
+    "$PYTHON" analyze_decomposition.py --base_model smollm2-135m \
+        --runs FT="$RUNS/FT" LoRA="$RUNS/LoRA_qkvud" DoRA="$RUNS/DoRA_qkvud" --modules q_proj v_proj \
+        --output_dir "$OUT/qkvud"
 fi

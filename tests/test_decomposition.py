@@ -246,3 +246,20 @@ def test_within_step_correlation_separates_growth_over_steps():
     (fit_row,) = summary(rows)
     assert fit_row["pearson_r"] > 0.9 and fit_row["within_step_r"] == pytest.approx(-1.0)
     assert fit_row["steps"] == ["1", "2", "final"]
+
+
+def test_bin_weights_are_read_too(base_dir, tmp_path):
+    """A model folder with pytorch_model.bin (LLaMA-1 era repos) is read memory-mapped, tensor by tensor."""
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "bin_model"
+    folder.mkdir()
+    shutil.copy(base_dir / "config.json", folder / "config.json")
+    state = load_file(str(base_dir / "model.safetensors"))
+    state = {k: (v * 2 if k.endswith("q_proj.weight") else v) for k, v in state.items()}
+    torch.save(state, folder / "pytorch_model.bin")
+    rows = analyze(str(base_dir), [f"B={folder}"], ["q_proj"])
+    for row in rows:
+        w0 = base_weight(base_dir, row["layer"])
+        assert row["delta_d"] == pytest.approx(0, abs=1e-7)
+        assert row["delta_m"] == pytest.approx(w0.double().norm(dim=1).mean().item(), rel=1e-6)
