@@ -266,7 +266,7 @@ def _adapter_trainer_class():
 # Flags of the original finetune.py that this one does not take, and why (checked before any
 # work: fire would otherwise run the whole training and only then fail on the leftover flag).
 _BOTTLENECK = ("an option of LLM-Adapters' bottleneck adapter, which the original finetune.py carried; "
-               "this project trains LoRA and DoRA only (the adapters the DoRA paper compares)")
+               "this project trains FT, LoRA and DoRA only (the methods the DoRA paper compares)")
 ORIGINAL_ONLY_FLAGS = {
     "lora_target_modules": "the original accepted it but never read it (--target_modules chose the modules); "
                            "pass --target_modules",
@@ -277,7 +277,7 @@ ORIGINAL_ONLY_FLAGS = {
     "use_adapterp": _BOTTLENECK,
     "scaling": _BOTTLENECK,
     "num_virtual_tokens": "an option of LLM-Adapters' prefix tuning, which the original finetune.py carried; "
-                          "this project trains LoRA and DoRA only",
+                          "this project trains FT, LoRA and DoRA only",
 }
 
 
@@ -426,9 +426,8 @@ def train(
     if adapter not in ("lora", "dora", FT):
         raise FinetuneError(
             f"adapter_name must be lora, dora or ft (full fine-tuning), got {adapter_name!r} (the original "
-            "finetune.py also had "
-            "LLM-Adapters' bottleneck and prefix-tuning adapters; the DoRA paper compares LoRA and DoRA, so "
-            "only those two are carried)"
+            "finetune.py also had LLM-Adapters' bottleneck and prefix-tuning adapters; the DoRA paper compares "
+            "FT, LoRA and DoRA, so only those are carried)"
         )
     processes = world_size()
     ddp = processes != 1

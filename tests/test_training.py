@@ -250,7 +250,7 @@ BAD_INPUTS = [
     ("rank zero", ["--lora_r", "0"], "r must be a positive integer"),
     ("dropout one", ["--lora_dropout", "1.0"], r"lora_dropout must be in \[0, 1\)"),
     ("alpha zero", ["--lora_alpha", "0"], "lora_alpha must be a positive"),
-    ("unknown adapter", ["--adapter_name", "prefix"], "adapter_name must be lora or dora"),
+    ("unknown adapter", ["--adapter_name", "prefix"], "adapter_name must be lora, dora or ft .*prefix-tuning"),
     ("targets match nothing", ["--target_modules", '["query"]'], "matches no module.*q_proj"),
     ("no base model", ["--base_model", ""], "specify a --base_model"),
     ("unknown alias", ["--base_model", "not-a-model"], "unknown base model"),
