@@ -190,3 +190,20 @@ def test_adapter_params_stay_fp32_over_half_base_and_output_keeps_base_dtype():
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
     assert layer.lora_A.weight.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("r", [0, 4])
+def test_an_all_zero_row_of_w_gives_no_nan(r):
+    """n = sqrt(max(eps, ||V||^2)) for magnitude-only layers too (it gave 0 / 0 there)."""
+    torch.manual_seed(0)
+    base = nn.Linear(8, 6, bias=False)
+    with torch.no_grad():
+        base.weight[2] = 0.0
+    layer = DoraLinear(base, r=r, lora_alpha=2 * max(r, 1)).train()
+    x = torch.randn(5, 8, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    assert torch.isfinite(layer.weight_m_wdecomp.weight.grad).all()
+    assert layer.direction_norm()[2].item() == pytest.approx(1e-6)
+    assert torch.equal(y[:, 2], torch.zeros(5))

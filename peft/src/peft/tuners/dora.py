@@ -241,8 +241,8 @@ class DoraLinear(AdapterLayer):
         A constant n is cached until A, B or W change (or an optimizer steps), so gradient
         accumulation micro-batches, checkpoint recomputation and evaluation reuse it.
         """
-        if self.r == 0:
-            return self.weight_sq_norm().sqrt()
+        if self.r == 0:  # clamped as below: an all-zero row of W gives g = m / sqrt(eps), not NaN
+            return self.weight_sq_norm().clamp_min(NORM_SQ_EPS).sqrt()
         detached = self.dora_simple or not torch.is_grad_enabled()
         if not detached:
             return self._compute_direction_norm()
