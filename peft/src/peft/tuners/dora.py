@@ -59,7 +59,7 @@ from .dora_kernels import (
     optimizer_generation,
     tensor_key,
 )
-from .lora import LoraConfig, LoraModel, resolve_target_modules
+from .lora import LoraConfig, LoraModel, low_rank_delta, resolve_target_modules
 from .quantized import dequantized_row_blocks, is_quantized
 from .sharding import check_full_weight, is_fsdp_view
 from .tuners_utils import AdapterLayer, TargetModulesError, accumulation_dtype, find_targets
@@ -285,13 +285,12 @@ class DoraLinear(AdapterLayer):
         lora_A = self.lora_A.weight if self.r > 0 else None
         lora_B = self.lora_B.weight if self.r > 0 else None
         dropout_active = self.training and not isinstance(self.lora_dropout, nn.Identity)
+        with autocast_off(x):
+            g, g_minus_1 = self.weight_m_wdecomp(self.direction_norm())  # m / n and (m - n) / n, fp32
         if self.base_is_quantized:
-            with autocast_off(x):
-                g, g_minus_1 = self.weight_m_wdecomp(self.direction_norm())
             return self._quantized_forward(x, g, g_minus_1, dropout_active)
         dtype = check_input_dtype(x, weight)
         with autocast_off(x):
-            g, g_minus_1 = self.weight_m_wdecomp(self.direction_norm())  # m / n and (m - n) / n, fp32
             x = x.to(dtype)  # autograd casts the gradient back to x's dtype
             bias = bias.to(dtype) if bias is not None else None
             if not dropout_active:  # y = g * (W x + s B A x) + b
@@ -333,10 +332,7 @@ class DoraLinear(AdapterLayer):
         return y + g.to(dtype) * delta.to(dtype) if delta is not None else y
 
     def lora_delta(self) -> torch.Tensor:
-        """s * B A (out x in). Only merge/unmerge build it; the forward never does."""
-        dtype = accumulation_dtype(self.lora_A.weight)
-        with autocast_off(self.lora_A.weight):
-            return (self.lora_B.weight.to(dtype) @ self.lora_A.weight.to(dtype)) * self.scaling
+        return low_rank_delta(self.lora_A.weight, self.lora_B.weight, self.scaling)
 
     # ---- merge -------------------------------------------------------------------------
     @torch.no_grad()
@@ -345,7 +341,7 @@ class DoraLinear(AdapterLayer):
         self._check_can_merge()
         weight = self.base_layer.weight
         with autocast_off(weight):
-            g = self.magnitude / self.direction_norm()
+            g, _ = self.weight_m_wdecomp(self.direction_norm())
             v = weight.to(g.dtype)
             if self.r > 0:
                 v = v + self.lora_delta().to(g.dtype)

@@ -55,6 +55,7 @@ puts the matmuls in c and keeps the norm in fp32.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Optional
 
 import torch
@@ -115,19 +116,30 @@ def autocast_off(t: torch.Tensor):
     return contextlib.nullcontext()
 
 
+def _autocast_off_in(method):
+    """Run an autograd Function's forward or backward with autocast off for the device of its first
+    tensor argument (x, or dy), whatever autocast state it is called in (the module docstring's rule)."""
+
+    @functools.wraps(method)
+    def run(ctx, first, *args):
+        with autocast_off(first):
+            return method(ctx, first, *args)
+
+    return run
+
+
 class PrecisionError(TypeError):
     """Input and base weight dtypes that no rule can reconcile (outside autocast)."""
 
 
 def check_input_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The compute dtype for x, or a clear error where ``nn.Linear`` would fail too."""
-    dtype = compute_dtype(x)
-    if dtype == x.dtype and weight.dtype != dtype and not autocast_enabled(x.device.type):
+    if weight.dtype != x.dtype and not autocast_enabled(x.device.type):
         raise PrecisionError(
             f"DoRA layer: input is {x.dtype} but the base weight is {weight.dtype}; cast the model to one "
             "dtype or run under torch.autocast (as nn.Linear requires)"
         )
-    return dtype
+    return compute_dtype(x)
 
 
 # ---- helpers ------------------------------------------------------------------------------
@@ -171,12 +183,8 @@ class DoraLinearFunction(torch.autograd.Function):
     """y = g * (x W^T + s x A^T B^T) + b  (no dropout). See the module docstring."""
 
     @staticmethod
+    @_autocast_off_in
     def forward(ctx, x, weight, bias, lora_A, lora_B, g, scaling: float):
-        with autocast_off(x):
-            return DoraLinearFunction._forward(ctx, x, weight, bias, lora_A, lora_B, g, scaling)
-
-    @staticmethod
-    def _forward(ctx, x, weight, bias, lora_A, lora_B, g, scaling: float):
         dtype = x.dtype
         x2 = _flat(x)
         h = x2 @ weight.to(dtype).t()
@@ -200,12 +208,8 @@ class DoraLinearFunction(torch.autograd.Function):
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
+    @_autocast_off_in
     def backward(ctx, dy):
-        with autocast_off(dy):
-            return DoraLinearFunction._backward(ctx, dy)
-
-    @staticmethod
-    def _backward(ctx, dy):
         x2, weight, lora_A, lora_B, g, xa, saved = ctx.saved_tensors
         s = ctx.scaling
         dtype = x2.dtype
@@ -234,14 +238,8 @@ class DoraDropoutLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
+    @_autocast_off_in
     def forward(ctx, x, x_drop, weight, bias, lora_A, lora_B, g, g_minus_1, scaling: float):
-        with autocast_off(x):
-            return DoraDropoutLinearFunction._forward(
-                ctx, x, x_drop, weight, bias, lora_A, lora_B, g, g_minus_1, scaling
-            )
-
-    @staticmethod
-    def _forward(ctx, x, x_drop, weight, bias, lora_A, lora_B, g, g_minus_1, scaling: float):
         dtype = x.dtype
         x2, xd2 = _flat(x), _flat(x_drop)
         w = weight.to(dtype)
@@ -261,12 +259,8 @@ class DoraDropoutLinearFunction(torch.autograd.Function):
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
+    @_autocast_off_in
     def backward(ctx, dy):
-        with autocast_off(dy):
-            return DoraDropoutLinearFunction._backward(ctx, dy)
-
-    @staticmethod
-    def _backward(ctx, dy):
         xd2, weight, lora_A, lora_B, g, g_minus_1, xa, p = ctx.saved_tensors
         s = ctx.scaling
         dtype = xd2.dtype

@@ -79,6 +79,14 @@ class LoraConfig(PeftConfig):
         return self.lora_alpha / self.r
 
 
+def low_rank_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """s * B A (out x in), in at least fp32. Only merge/unmerge build it (LoRA's and DoRA's);
+    the forward never does."""
+    dtype = accumulation_dtype(lora_A)
+    with autocast_off(lora_A):  # autocast would round the product to half precision
+        return (lora_B.to(dtype) @ lora_A.to(dtype)) * scaling
+
+
 class LoraLinear(AdapterLayer):
     """A frozen ``nn.Linear`` plus the low-rank update s * B A."""
 
@@ -99,10 +107,7 @@ class LoraLinear(AdapterLayer):
         nn.init.zeros_(self.lora_B.weight)
 
     def lora_delta(self) -> torch.Tensor:
-        """s * B A (out x in), in at least fp32. Only merge/unmerge build it; the forward never does."""
-        dtype = accumulation_dtype(self.lora_A.weight)
-        with autocast_off(self.lora_A.weight):  # autocast would round the product to half precision
-            return (self.lora_B.weight.to(dtype) @ self.lora_A.weight.to(dtype)) * self.scaling
+        return low_rank_delta(self.lora_A.weight, self.lora_B.weight, self.scaling)
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
