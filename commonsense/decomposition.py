@@ -71,6 +71,7 @@ class WeightReader:
     def __init__(self, folder):
         self.folder = Path(folder)
         self._files: Dict[str, Path] = {}
+        self._open: Dict[Path, dict] = {}  # .bin files, memory-mapped
         for pattern in ("*.safetensors", "*.bin"):
             for path in sorted(self.folder.glob(pattern)):
                 if path.name.startswith(("adapter_model", "training_args", "optimizer", "scheduler", "rng_state")):
@@ -81,16 +82,16 @@ class WeightReader:
                 break  # safetensors found: ignore .bin copies
         if not self._files:
             raise DecompositionError(f"{folder}: no model weights (*.safetensors or *.bin)")
-        self._open: Dict[Path, object] = {}
 
-    @staticmethod
-    def _keys_of(path: Path) -> List[str]:
+    def _keys_of(self, path: Path) -> List[str]:
         if path.suffix == ".safetensors":
             from safetensors import safe_open
 
             with safe_open(str(path), framework="pt") as handle:
                 return list(handle.keys())
-        return list(torch.load(path, map_location="cpu", mmap=True, weights_only=True).keys())
+        # memory-mapped, kept for get(): only the pages read are loaded
+        self._open[path] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        return list(self._open[path].keys())
 
     def keys(self) -> List[str]:
         return list(self._files)
@@ -104,8 +105,6 @@ class WeightReader:
 
             with safe_open(str(path), framework="pt") as handle:
                 return handle.get_tensor(key)
-        if path not in self._open:  # memory-mapped: only the pages read are loaded
-            self._open[path] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
         return self._open[path][key]
 
 
@@ -130,7 +129,6 @@ def module_keys(reader: WeightReader, module: str) -> Dict[int, str]:
 @dataclass(frozen=True)
 class Step:
     label: str  # "N" for checkpoint-N, "final" for the run folder's own weights
-    order: int
     folder: Path
 
 
@@ -159,36 +157,29 @@ def run_steps(folder) -> Tuple[str, List[Step]]:
     folder = Path(folder)
     if not folder.is_dir():
         raise DecompositionError(f"run folder not found: {folder}")
-    steps = []
+    from .training import checkpoint_step
+
+    found = []  # (step, method)
     for child in folder.iterdir():
-        match = re.fullmatch(r"checkpoint-(\d+)", child.name)
-        if match and child.is_dir() and detect_method(child):
-            steps.append(Step(match[1], int(match[1]), child))
-    steps.sort(key=lambda s: s.order)
+        number = checkpoint_step(child.name)
+        if number is not None and child.is_dir():
+            method = detect_method(child)
+            if method:
+                found.append((Step(str(number), child), method))
+    found.sort(key=lambda pair: step_order(pair[0].label))
     method = detect_method(folder)
     if method is not None:
-        final_step = _final_step(folder)
-        steps = [s for s in steps if not (final_step is not None and s.order == final_step and not _reloaded_best(folder))]
-        steps.append(Step(FINAL, 1 << 62, folder))
-    if not steps:
+        log_path = folder / "train_log.json"
+        log = json.loads(log_path.read_text(encoding="utf-8")) if log_path.is_file() else {}
+        if log.get("global_step") is not None and not log.get("best_model_checkpoint"):
+            found = [pair for pair in found if int(pair[0].label) != log["global_step"]]
+        found.append((Step(FINAL, folder), method))
+    if not found:
         raise DecompositionError(f"{folder}: no weights (no adapter or model files, and no checkpoint-N folders with them)")
-    methods = {detect_method(s.folder) for s in steps}
+    methods = {m for _, m in found}
     if len(methods) != 1:
         raise DecompositionError(f"{folder}: its folders mix methods ({', '.join(sorted(methods))})")
-    return methods.pop(), steps
-
-
-def _train_log(folder: Path) -> dict:
-    path = folder / "train_log.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
-def _final_step(folder: Path) -> Optional[int]:
-    return _train_log(folder).get("global_step")
-
-
-def _reloaded_best(folder: Path) -> bool:
-    return bool(_train_log(folder).get("best_model_checkpoint"))
+    return methods.pop(), [step for step, _ in found]
 
 
 # ---- the analysis -------------------------------------------------------------------------------
@@ -208,16 +199,18 @@ def adapter_layers(folder: Path) -> Tuple[dict, Dict[str, Dict[str, torch.Tensor
     return config.to_dict(), layers
 
 
-def step_weights(method: str, step: Step, base: WeightReader, keys: Dict[int, str]) -> Iterator[Tuple[int, torch.Tensor, torch.Tensor]]:
-    """(layer, W at this step, W0), one layer at a time, in float64."""
+def step_weights(method: str, step: Step, base: WeightReader,
+                 keys: Dict[str, Dict[int, str]]) -> Iterator[Tuple[str, int, torch.Tensor, torch.Tensor]]:
+    """(module, layer, W at this step, W0), one layer at a time, in float64; the step's folder
+    is opened once for all modules."""
     if method == "FT":
         reader = WeightReader(step.folder)
-        for layer, key in keys.items():
-            yield layer, reader.get(key).double(), base.get(key).double()
+        for module, layer, key in _module_layer_keys(keys):
+            yield module, layer, reader.get(key).double(), base.get(key).double()
         return
     config, layers = adapter_layers(step.folder)
     scaling = float(config["lora_alpha"]) / float(config["r"])
-    for layer, key in keys.items():
+    for module, layer, key in _module_layer_keys(keys):
         path = key[: -len(".weight")]
         w0 = base.get(key).double()
         parts = layers.get(path)
@@ -229,12 +222,18 @@ def step_weights(method: str, step: Step, base: WeightReader, keys: Dict[int, st
             raise DecompositionError(f"{step.folder}: {path} has A {tuple(a.shape)} and B {tuple(b.shape)}, which do not "
                                      f"fit the base model's weight {tuple(w0.shape)} (another base model?)")
         if method == "LoRA":
-            yield layer, lora_weight(w0, a, b, scaling), w0
+            yield module, layer, lora_weight(w0, a, b, scaling), w0
         else:
             m = parts.get("m")
             if m is None or m.numel() != w0.shape[0]:
                 raise DecompositionError(f"{step.folder}: {path} has no magnitude of {w0.shape[0]} values")
-            yield layer, dora_weight(w0, m, a, b, scaling if a is not None else 0.0), w0
+            yield module, layer, dora_weight(w0, m, a, b, scaling if a is not None else 0.0), w0
+
+
+def _module_layer_keys(keys: Dict[str, Dict[int, str]]) -> Iterator[Tuple[str, int, str]]:
+    for module, by_layer in keys.items():
+        for layer, key in by_layer.items():
+            yield module, layer, key
 
 
 def base_folder(base_model: str) -> Path:
@@ -278,14 +277,13 @@ def analyze(base_model: str, runs: Sequence[str], modules: Sequence[str]) -> Lis
     rows = []
     for name, method, steps in plans:
         for step in steps:
-            for module in modules:
-                for layer, weight, w0 in step_weights(method, step, base, keys[module]):
-                    if weight.shape != w0.shape:
-                        raise DecompositionError(f"run {name}: {step.folder} holds {module} of layer {layer} with shape "
-                                                 f"{tuple(weight.shape)}, the base model {tuple(w0.shape)}")
-                    delta_m, delta_d = magnitude_direction_change(weight, w0)
-                    rows.append(dict(run=name, method=method, step=step.label, layer=layer, module=module,
-                                     delta_m=delta_m, delta_d=delta_d))
+            for module, layer, weight, w0 in step_weights(method, step, base, keys):
+                if weight.shape != w0.shape:
+                    raise DecompositionError(f"run {name}: {step.folder} holds {module} of layer {layer} with shape "
+                                             f"{tuple(weight.shape)}, the base model {tuple(w0.shape)}")
+                delta_m, delta_d = magnitude_direction_change(weight, w0)
+                rows.append(dict(run=name, method=method, step=step.label, layer=layer, module=module,
+                                 delta_m=delta_m, delta_d=delta_d))
     return rows
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List
 
-FINAL = "final"
+from .decomposition import step_order
 
 
 def _steps(rows: List[dict]) -> List[str]:
-    return sorted({r["step"] for r in rows}, key=lambda s: 1 << 62 if s == FINAL else int(s))
+    return sorted({r["step"] for r in rows}, key=step_order)
 
 
 def plot_scatter(rows: List[dict], fits: List[dict], path: Path) -> None:

@@ -142,7 +142,14 @@ def _adapter_trainer_class():
         """Checkpoints hold the adapter (fork format), not the frozen base model; with
         ``full_model`` (full fine-tuning) they are the Trainer's own model checkpoints."""
 
-        full_model = False
+        def __init__(self, *args, full_model: bool = False, **kwargs):
+            self.full_model = full_model  # full fine-tuning: the Trainer's own checkpoints
+            super().__init__(*args, **kwargs)
+            self.skipped_steps: List[int] = []  # steps an fp16 loss scaler skipped
+            self._non_finite_loss_at: Optional[int] = None
+            if self.is_fsdp_enabled:  # before prepare() wraps the model: m stays fp32 under mixed precision
+                plugin = self.accelerator.state.fsdp_plugin
+                plugin.mixed_precision_policy = keep_magnitude_fp32(plugin.mixed_precision_policy)
 
         def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
             output_dir = output_dir or self.args.output_dir
@@ -177,14 +184,6 @@ def _adapter_trainer_class():
         # are inf/NaN is skipped (the weights untouched) and the scale halved. That is no error.
         # A NaN that persists is: once the scale is down to MIN_LOSS_SCALE, halving it further
         # cannot help, and the run stops as it would without a scaler.
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.skipped_steps: List[int] = []  # steps an fp16 loss scaler skipped
-            self._non_finite_loss_at: Optional[int] = None
-            if self.is_fsdp_enabled:  # before prepare() wraps the model: m stays fp32 under mixed precision
-                plugin = self.accelerator.state.fsdp_plugin
-                plugin.mixed_precision_policy = keep_magnitude_fp32(plugin.mixed_precision_policy)
-
         def _loss_scaler(self):
             scaler = getattr(self.accelerator, "scaler", None)
             return scaler if scaler is not None and scaler.is_enabled() else None
@@ -305,6 +304,12 @@ MIN_LOSS_SCALE = 1.0
 CHECKPOINT_COMPLETE = "checkpoint_complete.json"  # written last into checkpoint-N/
 
 
+def checkpoint_step(name: str) -> Optional[int]:
+    """N for a folder named checkpoint-N (the Trainer's checkpoints), else None."""
+    match = re.fullmatch(r"checkpoint-([0-9]+)", name)
+    return int(match[1]) if match else None
+
+
 def is_complete_checkpoint(folder: str) -> bool:
     return os.path.isfile(os.path.join(folder, CHECKPOINT_COMPLETE))
 
@@ -315,9 +320,9 @@ def newest_complete_checkpoint(output_dir: str) -> Optional[str]:
         return None
     steps = []
     for name in os.listdir(output_dir):
-        prefix, _, number = name.partition("-")
-        if prefix == "checkpoint" and number.isdigit() and is_complete_checkpoint(os.path.join(output_dir, name)):
-            steps.append(int(number))
+        step = checkpoint_step(name)
+        if step is not None and is_complete_checkpoint(os.path.join(output_dir, name)):
+            steps.append(step)
     return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
 
 
@@ -332,7 +337,7 @@ def adapter_warm_start(resume_from_checkpoint) -> Optional[str]:
     if not resume_from_checkpoint or resume_from_checkpoint in ("auto", True, "True", "true"):
         return None
     folder = str(resume_from_checkpoint)
-    if not os.path.isdir(folder) or CHECKPOINT_NAME.fullmatch(os.path.basename(os.path.normpath(folder))):
+    if not os.path.isdir(folder) or checkpoint_step(os.path.basename(os.path.normpath(folder))) is not None:
         return None
     has_adapter = os.path.isfile(os.path.join(folder, "adapter_config.json")) and any(
         os.path.isfile(os.path.join(folder, name)) for name in ("adapter_model.bin", "adapter_model.safetensors")
@@ -340,9 +345,6 @@ def adapter_warm_start(resume_from_checkpoint) -> Optional[str]:
     if has_adapter and not os.path.isfile(os.path.join(folder, "trainer_state.json")):
         return folder
     return None
-
-
-CHECKPOINT_NAME = re.compile(r"checkpoint-\d+")
 
 
 def resolve_resume(resume_from_checkpoint, output_dir: str):
@@ -541,9 +543,8 @@ def train(
         remove_unused_columns=False,
     )
     keep_one_device(args, processes)
-    trainer_class = _adapter_trainer_class()
-    trainer_class.full_model = full_model
-    trainer = trainer_class(
+    trainer = _adapter_trainer_class()(
+        full_model=full_model,
         model=model,
         args=args,
         train_dataset=train_data,
