@@ -15,7 +15,6 @@ and writes no output file.
 """
 import argparse
 import json
-import os
 import random
 import sys
 from pathlib import Path
@@ -128,7 +127,9 @@ def load_training_rows(data_path) -> list:
     try:
         dataset = load_dataset(text, split="train")
     except Exception as exc:  # noqa: BLE001 - offline, unknown id, no train split: one line names it
-        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0") else ""
+        from commonsense.models import hub_offline  # here: only a failed dataset load needs torch's import
+
+        offline = " (HF_HUB_OFFLINE is set)" if hub_offline() else ""
         first = " ".join(str(exc).split())[:300] or type(exc).__name__
         raise DataError(f"data_path {text}: no such file, and loading it as a dataset{offline} failed: {first}") from None
     if len(dataset) == 0:

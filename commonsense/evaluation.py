@@ -180,8 +180,8 @@ def check_adapter_folder(lora_weights) -> Path:
     if lora_weights is None or not str(lora_weights).strip():
         raise EvaluationError("--lora_weights is required unless --adapter none")
     folder = Path(lora_weights).expanduser()
+    _import_peft_model()
     if not folder.is_dir():
-        _import_peft_model()
         from peft.utils.hub import looks_like_hub_repo, resolve_adapter_dir
 
         if not looks_like_hub_repo(str(lora_weights)):
@@ -189,7 +189,6 @@ def check_adapter_folder(lora_weights) -> Path:
         folder = Path(resolve_adapter_dir(str(lora_weights)))
     if not (folder / "adapter_config.json").is_file():
         raise EvaluationError(f"{lora_weights}: not an adapter folder (no adapter_config.json)")
-    _import_peft_model()
     from peft import PeftConfig
 
     PeftConfig.from_pretrained(str(folder))  # not JSON, unknown peft_type, bad r...: fail before the base loads

@@ -15,7 +15,6 @@ resume, DDP/FSDP) but trains the base model's own linear weights instead of an a
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import List, Optional, Sequence, Union
 
@@ -90,12 +89,3 @@ def write_marker(output_dir: str, base_model: str, names: List[str]) -> None:
 
     atomic_write_json(os.path.join(output_dir, FT_MARKER),
                       {"method": "FT", "base_model": base_model, "trained_modules": names}, indent=2)
-
-
-def is_full_finetune_dir(folder) -> bool:
-    return os.path.isfile(os.path.join(str(folder), FT_MARKER))
-
-
-def read_marker(folder) -> dict:
-    with open(os.path.join(str(folder), FT_MARKER), encoding="utf-8") as handle:
-        return json.load(handle)
