@@ -59,7 +59,7 @@ def evaluate(run_adapter: str, lora_weights, args, out: Path) -> list:
     model, tokenizer = load_model_for_eval(BASE_MODEL, lora_weights=lora_weights, adapter=run_adapter)
     run = RunInfo(model_name=MODEL_NAME, adapter=run_adapter, base_model=BASE_MODEL,
                   lora_weights=None if lora_weights is None else str(lora_weights))
-    # Beams stop at EOS (commonsense_evaluate.py --eos_stop): about 1.4x faster on a CPU than the
+    # Beams stop at EOS (commonsense_evaluate.py --eos_stop): faster on a CPU than the
     # original's always-32-tokens decoding, which the seed scripts keep.
     return evaluate_tasks(model, tokenizer, TASK_NAMES, run=run, dataset_dir=REPO_ROOT / "dataset",
                           output_dir=out, batch_size=args.eval_batch_size, limit=args.eval_limit,
