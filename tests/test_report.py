@@ -183,3 +183,14 @@ def test_demo_style_table_has_a_chance_row(experiment):
     assert chance["n"] == "800"
     # The CSV stays one row per run.
     assert [r["model"] for r in csv.DictReader(io.StringIO(paths["csv"].read_text()))] == ["LLaMA-7B", "SmolLM2-135M"]
+
+
+def test_answer_options_agree_with_the_loglik_choices_on_every_shipped_test_row():
+    # Two readers of an example's options: the report's (its "Answer format:" line) and loglik
+    # scoring's (commonsense.evaluation.choice_labels); they must not drift apart.
+    from commonsense.evaluation import choice_labels
+
+    for name in TASKS:
+        rows = json.loads((REPO_ROOT / "dataset" / name / "test.json").read_text())
+        for row in rows:
+            assert answer_options(row) == choice_labels(name, row["instruction"]), (name, row["instruction"][-120:])
