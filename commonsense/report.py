@@ -7,8 +7,15 @@ experiment folder, groups them into runs (model, adapter, mode) and writes
   in percent with one decimal, "–" for a task not evaluated, the Average taken
   over the tasks present and marked with "*" when some are missing; n is the
   number of examples evaluated over all present tasks;
-* ``results.csv``: the same numbers at full precision (empty cell = missing);
+* ``results.csv``: the runs' numbers at full precision, one row per run (empty cell = missing);
 * ``results.png``: grouped bars, one group per task (plus Average), one bar per run.
+
+The table and the chart also show each task's chance level: the accuracy expected from
+picking one of each example's answer options uniformly at random, averaged over the
+evaluated examples. An example's options are those of its "Answer format: a/b/c" line
+(the task registry cannot say: its regex accepts answer1..5 for SIQA, ARC and OBQA,
+and a few ARC items have 3 or 5 options). The examples are read from each summary's
+results file, or else taken as the first n rows of the shipped ``dataset/<task>/test.json``.
 
 All three are written atomically. CLI (from the repository root):
 
@@ -18,6 +25,7 @@ import argparse
 import csv
 import io
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +33,10 @@ from pathlib import Path
 from commonsense.io import atomic_write_bytes, atomic_write_text
 from commonsense.tasks import TASKS
 
+SHIPPED_DATASET_DIR = Path(__file__).resolve().parent.parent / "dataset"
+# The prompts end with the example's own options, e.g. "Answer format: answer1/answer2/answer3".
+ANSWER_FORMAT = re.compile(r"Answer format:\s*(\S+)\s*$")
+CHANCE_LABEL = ("Chance", "uniform guess")
 MISSING = "–"  # en dash, as in the paper's tables
 INCOMPLETE_MARK = "*"
 SUMMARY_SUFFIX = ".summary.json"
@@ -103,6 +115,70 @@ def collect_runs(summaries) -> list:
     return list(runs.values())
 
 
+# --------------------------------------------------------------------------- chance level
+
+def answer_options(row: dict):
+    """The answer options of one example (from its "Answer format:" line), or None."""
+    match = ANSWER_FORMAT.search(str(row.get("instruction", "")))
+    options = match.group(1).split("/") if match else []
+    return options if len(options) >= 2 else None
+
+
+def chance_accuracy(rows):
+    """Expected accuracy of a uniform guess among each row's options; None if a row has none."""
+    counts = [answer_options(row) for row in rows]
+    if not counts or any(options is None for options in counts):
+        return None
+    return sum(1 / len(options) for options in counts) / len(counts)
+
+
+def _read_rows(path: Path, n: int):
+    """The first n rows of a JSON list file, or None when it cannot give n rows."""
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(rows, list) or len(rows) < n or not all(isinstance(r, dict) for r in rows[:n]):
+        return None
+    return rows[:n]
+
+
+def evaluated_rows(experiment_dir, summary: dict, dataset_dir=SHIPPED_DATASET_DIR):
+    """The examples a summary scored: its results file, else the first n rows of the test set."""
+    n = int(summary["n"])
+    name = summary.get("output_file")
+    if isinstance(name, str) and name and Path(name).name == name:  # a plain name in the folder
+        rows = _read_rows(Path(experiment_dir) / name, n)
+        if rows is not None and len(rows) == n:
+            return rows
+    return _read_rows(Path(dataset_dir) / summary["dataset"] / "test.json", n)
+
+
+def chance_levels(runs, experiment_dir, dataset_dir=SHIPPED_DATASET_DIR) -> dict:
+    """{task name: (chance accuracy, n)} over the largest evaluated set of each task.
+
+    Runs of one folder normally evaluate the same rows; where they differ, the chance
+    shown is that of the run with the most examples. A task whose examples cannot be
+    read, or lack an "Answer format:" line, has no entry.
+    """
+    levels = {}
+    for name in TASKS:
+        summaries = [run.by_task[name] for run in runs if name in run.by_task]
+        if not summaries:
+            continue
+        largest = max(summaries, key=lambda s: int(s["n"]))
+        rows = evaluated_rows(experiment_dir, largest, dataset_dir)
+        chance = chance_accuracy(rows) if rows is not None else None
+        if chance is not None:
+            levels[name] = (chance, len(rows))
+    return levels
+
+
+def chance_average(levels: dict):
+    """The macro average of the chance levels, as the runs' Average (None without any)."""
+    return sum(c for c, _ in levels.values()) / len(levels) if levels else None
+
+
 # --------------------------------------------------------------------------- rendering
 
 def percent_cell(value) -> str:
@@ -118,18 +194,29 @@ def markdown_grid(header: list, rows: list, right_from: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def markdown_table(runs) -> str:
-    """The results table (with a footnote if any average is over a subset of tasks)."""
+def markdown_table(runs, chance=None) -> str:
+    """The results table (with a footnote if any average is over a subset of tasks).
+
+    ``chance`` (from :func:`chance_levels`) adds a last row with each task's chance level.
+    """
     headers = ["Model", "Adapter", "Mode", "n"] + [t.display_name for t in TASKS.values()] + ["Average"]
     rows = []
     for run in runs:
         average = percent_cell(run.average) + ("" if run.complete else INCOMPLETE_MARK)
         rows.append([run.model, run.adapter, run.mode, str(run.n)]
                     + [percent_cell(run.accuracy(name)) for name in TASKS] + [average])
+    chance_complete = not chance or all(name in chance for name in TASKS)
+    if chance:
+        cells = [percent_cell(chance[name][0]) if name in chance else MISSING for name in TASKS]
+        average = percent_cell(chance_average(chance)) + ("" if chance_complete else INCOMPLETE_MARK)
+        rows.append(list(CHANCE_LABEL) + [MISSING, str(sum(n for _, n in chance.values()))] + cells + [average])
     text = markdown_grid(headers, rows, right_from=3)
-    if not all(run.complete for run in runs):
+    if not (chance_complete and all(run.complete for run in runs)):
         # Escaped: a line starting with "* " would render as a bullet.
         text += f"\n\\{INCOMPLETE_MARK} average over the evaluated tasks only ({MISSING} = not evaluated).\n"
+    if chance:
+        text += ("\nChance: the accuracy expected from picking one of each example's answer options "
+                 "uniformly at random (the options of its \"Answer format:\" line), over the evaluated examples.\n")
     return text
 
 
@@ -147,8 +234,11 @@ def csv_text(runs) -> str:
     return buffer.getvalue()
 
 
-def chart_png(runs) -> bytes:
-    """Grouped bar chart (PNG bytes): task groups on x, one bar per run, accuracy in percent."""
+def chart_png(runs, chance=None) -> bytes:
+    """Grouped bar chart (PNG bytes): task groups on x, one bar per run, accuracy in percent.
+
+    ``chance`` (from :func:`chance_levels`) draws each task's chance level as a dashed line across its group.
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers
@@ -164,6 +254,14 @@ def chart_png(runs) -> bytes:
         heights = [float("nan") if v is None else 100 * v for v in values]
         label = run.label + ("" if run.complete else f" ({INCOMPLETE_MARK}partial)")
         ax.bar(xs, heights, width=width, label=label)
+    if chance:
+        levels = [chance[name][0] if name in chance else None for name in TASKS] + [chance_average(chance)]
+        labelled = False
+        for g, level in enumerate(levels):
+            if level is not None:
+                ax.hlines(100 * level, g - 0.45, g + 0.45, colors="black", linestyles="dashed", linewidth=1.2,
+                          label=None if labelled else "chance (uniform guess)")
+                labelled = True
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(groups)
     ax.set_ylabel("accuracy (%)")
@@ -183,11 +281,12 @@ def build_report(experiment_dir="experiment", out_dir=None) -> dict:
     runs = collect_runs(load_summaries(experiment_dir))
     if not runs:
         raise ReportError(f"no evaluation summaries (*{SUMMARY_SUFFIX}) in {experiment_dir}")
+    chance = chance_levels(runs, experiment_dir)
     out = Path(out_dir if out_dir is not None else experiment_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": out / "results.md", "csv": out / "results.csv", "png": out / "results.png"}
-    png = chart_png(runs)  # render everything before writing anything
-    atomic_write_text(paths["markdown"], markdown_table(runs))
+    png = chart_png(runs, chance)  # render everything before writing anything
+    atomic_write_text(paths["markdown"], markdown_table(runs, chance))
     atomic_write_text(paths["csv"], csv_text(runs))
     atomic_write_bytes(paths["png"], png)
     return paths

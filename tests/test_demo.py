@@ -72,7 +72,7 @@ def test_demo_rejects_bad_arguments(tmp_path):
 
 @pytest.mark.slow
 def test_entry_scripts_train_then_evaluate_smollm2(tmp_path):
-    """finetune.py then commonsense_evaluate.py, from another directory, as the README shows."""
+    """finetune.py then commonsense_evaluate.py, from another directory, as docs/running.md shows."""
     rows = json.loads((REPO_ROOT / "dataset" / "demo_train.json").read_text())[:24]
     (tmp_path / "train.json").write_text(json.dumps(rows, indent=4))
     adapter = tmp_path / "dora_r8"

@@ -121,7 +121,7 @@ def test_registry_holds_the_folders_nvlabs_links():
 
 @pytest.mark.parametrize("model", list(released.RELEASED))
 def test_eval_script_uses_the_adapters_base_model(model, tmp_path):
-    """The README's `sh <eval script> DIR 0` must load the base model the adapter was trained on."""
+    """docs/released_adapters.md's `sh <eval script> DIR 0` must load the base model the adapter was trained on."""
     spec = released.RELEASED[model]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "EVAL_BATCH_SIZE")}
     result = subprocess.run(["bash", str(REPO_ROOT / spec.eval_script), "released/x", "0"], cwd=tmp_path,

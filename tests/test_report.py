@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from commonsense.report import ReportError, build_report, collect_runs, load_summaries, markdown_table
+from commonsense.report import (ReportError, answer_options, build_report, chance_accuracy, chance_levels,
+                                collect_runs, evaluated_rows, load_summaries, markdown_table)
 from commonsense.tasks import TASKS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -118,3 +119,78 @@ def test_loglik_runs_are_separate_labelled_rows(experiment):
     lines = [line for line in markdown_table(runs).splitlines() if line.startswith("| LLaMA-7B | DoRA |")]
     assert [line.split("|")[3].strip() for line in lines] == ["generate", "loglik"]
     assert "| LLaMA-7B | DoRA | loglik | 100 | 90.0 |" in markdown_table(runs)
+
+
+# --------------------------------------------------------------------------- chance level
+
+def example(options, answer=None):
+    """A test row whose prompt ends with its options, as the shipped test sets' prompts do."""
+    return {"instruction": f"Pick one.\n\nAnswer format: {'/'.join(options)}", "answer": answer or options[0]}
+
+
+def answers(k):
+    return [f"answer{i}" for i in range(1, k + 1)]
+
+
+def test_chance_is_the_mean_of_one_over_each_examples_option_count():
+    rows = [example(answers(3)), example(answers(4)), example(answers(5))]
+    assert chance_accuracy(rows) == pytest.approx((1 / 3 + 1 / 4 + 1 / 5) / 3)
+    assert answer_options(example(["true", "false"])) == ["true", "false"]
+    # WinoGrande's prompts put the line after the options, on the same line.
+    assert answer_options({"instruction": "Option1: Sarah Option2: Maria Answer format: option1/option2"}) == [
+        "option1", "option2"]
+    assert chance_accuracy([example(answers(4)), {"instruction": "no options given"}]) is None
+    assert chance_accuracy([]) is None
+
+
+def test_chance_comes_from_the_evaluated_examples_in_the_results_file(tmp_path):
+    rows = [example(answers(3)), example(answers(5)), example(answers(4)), example(answers(4))]
+    (tmp_path / "M-DoRA-ARC-Easy.json").write_text(json.dumps(rows))
+    write_summary(tmp_path, "M", "DoRA", "ARC-Easy", 0.5, n=4)
+    summary_file = tmp_path / "M-DoRA-ARC-Easy.summary.json"
+    summary = json.loads(summary_file.read_text())
+    summary["output_file"] = "M-DoRA-ARC-Easy.json"
+    summary_file.write_text(json.dumps(summary))
+    runs = collect_runs(load_summaries(tmp_path))
+    levels = chance_levels(runs, tmp_path)
+    expected = (1 / 3 + 1 / 5 + 1 / 4 + 1 / 4) / 4
+    assert levels == {"ARC-Easy": (pytest.approx(expected), 4)}
+    table = markdown_table(runs, levels)
+    assert f"| Chance | uniform guess | – | 4 | – | – | – | – | – | {100 * expected:.1f} | – | – | 25.8* |" in table
+    assert "Chance: the accuracy expected from picking one of each example's answer options" in table
+
+
+def test_chance_falls_back_to_the_shipped_test_sets(experiment):
+    # The fixture's summaries name no results file: the first n rows of dataset/<task>/test.json.
+    levels = chance_levels(collect_runs(load_summaries(experiment)), experiment)
+    assert {name: round(100 * c, 1) for name, (c, _) in levels.items()} == {
+        "boolq": 50.0, "piqa": 50.0, "social_i_qa": 33.3, "hellaswag": 25.0, "winogrande": 50.0,
+        "ARC-Easy": 25.1, "ARC-Challenge": 25.0, "openbookqa": 25.0}  # one of ARC-e's first 100 has 3 options
+    assert levels["ARC-Easy"][0] == pytest.approx((99 / 4 + 1 / 3) / 100)
+    assert {n for _, n in levels.values()} == {100}  # the largest run of each task (LLaMA's n=100)
+    # Whole ARC-Easy: 2365 items with 4 options, 7 with 3 and 4 with 5.
+    summary = {"dataset": "ARC-Easy", "n": 2376}
+    rows = evaluated_rows(experiment, summary)
+    assert chance_accuracy(rows) == pytest.approx((2365 / 4 + 7 / 3 + 4 / 5) / 2376)
+
+
+def test_demo_style_table_has_a_chance_row(experiment):
+    paths = build_report(experiment)
+    header, rows = table_rows(paths["markdown"].read_text())
+    chance = rows[("Chance", "uniform guess")]
+    assert (chance["BoolQ"], chance["SIQA"], chance["HellaSwag"], chance["Average"]) == ("50.0", "33.3", "25.0",
+                                                                                        "35.4")
+    assert chance["n"] == "800"
+    # The CSV stays one row per run.
+    assert [r["model"] for r in csv.DictReader(io.StringIO(paths["csv"].read_text()))] == ["LLaMA-7B", "SmolLM2-135M"]
+
+
+def test_answer_options_agree_with_the_loglik_choices_on_every_shipped_test_row():
+    # Two readers of an example's options: the report's (its "Answer format:" line) and loglik
+    # scoring's (commonsense.evaluation.choice_labels); they must not drift apart.
+    from commonsense.evaluation import choice_labels
+
+    for name in TASKS:
+        rows = json.loads((REPO_ROOT / "dataset" / name / "test.json").read_text())
+        for row in rows:
+            assert answer_options(row) == choice_labels(name, row["instruction"]), (name, row["instruction"][-120:])

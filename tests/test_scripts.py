@@ -364,7 +364,7 @@ ORIGINAL = {
     "llama2_7B_DoRA_eval.sh": (None, _original_eval("LLaMA2-7B", "LoRA", "meta-llama/Llama-2-7b-hf")),
     "llama3_8B_DoRA_eval.sh": (None, _original_eval("LLaMA3-8B", "DoRA", "meta-llama/Meta-Llama-3-8B")),
 }
-# What ours do differently in evaluation, on purpose (README, "What is different"): one process
+# What ours do differently in evaluation, on purpose (docs/differences.md): one process
 # for the eight tasks (--dataset all, the model loads once) instead of eight, each task's log still
 # in $W/<task>.txt (--task_log_dir); --adapter DoRA where the original's LLaMA2 scripts say LoRA
 # (the weights are DoRA; the flag only names output files).
