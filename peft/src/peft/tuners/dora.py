@@ -48,6 +48,7 @@ from typing import Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..config import AdapterConfigError, PeftType
 from .dora_kernels import (
@@ -56,8 +57,6 @@ from .dora_kernels import (
     autocast_off,
     check_input_dtype,
     dora_linear_inference,
-    optimizer_generation,
-    tensor_key,
 )
 from .lora import LoraConfig, LoraModel, low_rank_delta, resolve_target_modules
 from .quantized import dequantized_row_blocks, is_quantized
@@ -136,6 +135,29 @@ def factored_sq_norm(
     cross = (b * w_at).sum(dim=1)
     quad = ((b @ (a @ a.t())) * b).sum(dim=1)
     return weight_sq_norm + (2.0 * scaling) * cross + (scaling * scaling) * quad
+
+
+# ---- what the cached norms are keyed on ----------------------------------------------------
+# In-place edits bump a tensor's version counter, but fused optimizers (AdamW(fused=True)) do
+# not, so every optimizer step, of any optimizer, also bumps this process-wide count.
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def optimizer_generation() -> int:
+    return _optimizer_steps
+
+
+def tensor_key(t: torch.Tensor) -> tuple:
+    """What identifies a tensor's current contents cheaply (no data is read)."""
+    return (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
 
 
 class DoraMagnitude(nn.Linear):
@@ -221,7 +243,7 @@ class DoraLinear(AdapterLayer):
         return self.base_is_quantized or not is_fsdp_view(self.base_layer.weight)
 
     def weight_sq_norm(self) -> torch.Tensor:
-        """||W||^2 per row (fp32), computed once and reused while W is unchanged."""
+        """||W||^2 per row (fp32), computed once and reused while W is unchanged (W is frozen)."""
         self._check_full_weight()
         weight = self.base_layer.weight
         if not self._norms_cacheable():
@@ -236,19 +258,27 @@ class DoraLinear(AdapterLayer):
         return cache[1]
 
     def direction_norm(self) -> torch.Tensor:
-        """n = ||W + s B A|| per row, fp32; a constant for autograd when dora_simple.
+        """n = ||W + s B A|| per row (2), fp32; a constant for autograd when dora_simple.
 
-        A constant n is cached until A, B or W change (or an optimizer steps), so gradient
-        accumulation micro-batches, checkpoint recomputation and evaluation reuse it.
+        Only forwards without autograd (evaluation, generation) reuse a cached n: see below.
         """
-        if self.r == 0:  # clamped as below: an all-zero row of W gives g = m / sqrt(eps), not NaN
+        if self.r == 0:  # V = W, clamped as below
             return self.weight_sq_norm().clamp_min(NORM_SQ_EPS).sqrt()
-        detached = self.dora_simple or not torch.is_grad_enabled()
-        if not detached:
-            return self._compute_direction_norm()
-        if not self._norms_cacheable():
+        if torch.is_grad_enabled():
+            if not self.dora_simple:
+                return self._compute_direction_norm()
             with torch.no_grad():
                 return self._compute_direction_norm()
+        # Why only here (benchmarks/norm_cache.py -> results/norm_cache_cpu*.json, CPU, r = 32):
+        # computing n takes about as long as a whole generation step's forward with n cached
+        # (0.9-1.2x; 1-8x over a 4-bit base) and 2-11% of an evaluation batch's, but only
+        # 1-1.4% of a SmolLM2-shaped training micro-batch (5% of a 7B-shaped one at 512 tokens,
+        # falling as 1 / tokens), saved on k - 1 of k micro-batches at best (never with one per
+        # step). So training forwards recompute n and never depend on this cache. The key
+        # changes when A, B or W is replaced or edited in place, or when any optimizer steps
+        # (fused optimizers leave version counters alone).
+        if not self._norms_cacheable():
+            return self._compute_direction_norm()
         key = (
             tensor_key(self.lora_A.weight),
             tensor_key(self.lora_B.weight),
@@ -256,11 +286,11 @@ class DoraLinear(AdapterLayer):
             optimizer_generation(),
         )
         if self._norm_cache is None or self._norm_cache[0] != key:
-            with torch.no_grad():
-                self._norm_cache = (key, self._compute_direction_norm())
+            self._norm_cache = (key, self._compute_direction_norm())
         return self._norm_cache[1]
 
     def _compute_direction_norm(self) -> torch.Tensor:
+        """n from the expanded square (module docstring), clamped: n^2 >= NORM_SQ_EPS."""
         with autocast_off(self.lora_B.weight):  # fp32 (or wider), whatever autocast says
             sq = factored_sq_norm(
                 self.weight_sq_norm(), self._weight_source(), self.lora_A.weight, self.lora_B.weight, self.scaling

@@ -61,39 +61,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 # The elementwise passes between the matmuls (Triton on CUDA, torch elsewhere)
 from .dora_triton import compose_backward, compose_dropout_forward, scale_columns_
-
-# ---- optimizer-step generation ------------------------------------------------------------
-# The cached norm n depends on A and B. Plain in-place updates bump a tensor's version
-# counter, but fused optimizers (AdamW(fused=True)) do not, so every optimizer step also
-# bumps this generation counter, which is part of the cache key.
-_optimizer_steps = 0
-
-
-def _count_optimizer_step(optimizer, args, kwargs) -> None:
-    global _optimizer_steps
-    _optimizer_steps += 1
-
-
-register_optimizer_step_post_hook(_count_optimizer_step)
-
-
-def optimizer_generation() -> int:
-    return _optimizer_steps
-
-
-def tensor_key(t: Optional[torch.Tensor]) -> tuple:
-    """What identifies a tensor's current contents cheaply (no data is read)."""
-    if t is None:
-        return ()
-    return (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
 
 
 # ---- precision --------------------------------------------------------------------------------
