@@ -44,13 +44,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Iterator, List, Optional, Tuple, Union
+from typing import ClassVar, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from ..config import AdapterConfigError, PeftType
+from ..config import PeftType
 from .dora_kernels import (
     DoraDropoutLinearFunction,
     DoraLinearFunction,
@@ -71,21 +71,11 @@ _FP32_CHUNK_ELEMENTS = 1 << 22
 
 @dataclass
 class DoraConfig(LoraConfig):
+    DEFAULT_PEFT_TYPE: ClassVar[PeftType] = PeftType.DORA
+    MODULE_LIST_OPTIONS: ClassVar[Tuple[str, ...]] = LoraConfig.MODULE_LIST_OPTIONS + ("Wdecompose_target_modules",)
+
     dora_simple: bool = True
     Wdecompose_target_modules: Optional[Union[List[str], str]] = None
-
-    def __post_init__(self):
-        if self.peft_type is None:
-            self.peft_type = PeftType.DORA
-        super().__post_init__()
-
-    def validate(self) -> None:
-        super().validate()
-        value = self.Wdecompose_target_modules
-        if isinstance(value, tuple):
-            self.Wdecompose_target_modules = list(value)
-        elif value is not None and not isinstance(value, (str, list)):
-            raise AdapterConfigError("DoraConfig: Wdecompose_target_modules must be a list of names or a regex")
 
 
 def weight_row_blocks(weight: Union[torch.Tensor, nn.Module]) -> Iterator[torch.Tensor]:
