@@ -15,10 +15,10 @@ Without dropout (and always in eval mode) -- one base matmul, as LoRA:
 
 grad_g needs h. With a bias, h is kept; without one, the output y = g * h is kept instead
 and grad_g = sum_T(dy * y) / g, so h costs no memory beyond the output the caller holds
-anyway. That recovers h only where g is not zero (or so small that g * h underflows), so
-the output is kept only when every |g| >= sqrt(smallest normal of the dtype)
-(``output_recovers_h``; h then comes back to the dtype's precision, or within
-sqrt(tiny) * eps where it is smaller than sqrt(tiny)), and h otherwise.
+anyway. That recovers h only where g is not zero (nor so small that g * h underflows), so
+the output is kept only when every |g| >= sqrt(tiny), tiny the dtype's smallest normal
+(``output_recovers_h``: y / g is then h to the dtype's precision, up to an absolute error
+below sqrt(tiny) * eps), and h otherwise.
 
 With dropout (paper-exact; x_d = drop(x) comes from the caller's dropout module, so its
 mask and backward stay the module's own):
