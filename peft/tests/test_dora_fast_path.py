@@ -63,30 +63,38 @@ def test_eval_forward_makes_no_out_by_in_temporary_and_one_matmul():
     assert len(matmuls) == 1  # W x only (B's product is rank r and is added in place)
 
 
-def test_norm_is_cached_across_micro_batches_and_refreshed_after_a_step():
-    layer = make_layer(16, 12, 4, False, True, torch.float32, seed=1).train()
-    opt = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=0.05)
-    n1 = layer.direction_norm()
-    layer(torch.randn(3, 12)).sum().backward()
-    assert layer.direction_norm() is n1  # the second micro-batch reuses it
-    opt.step()
-    n2 = layer.direction_norm()
-    assert n2 is not n1
-    dense = (layer.base_layer.weight + layer.scaling * layer.lora_B.weight @ layer.lora_A.weight).norm(dim=1)
-    torch.testing.assert_close(n2, dense.detach(), atol=1e-5, rtol=1e-5)
+def dense_norm(layer):
+    return (layer.base_layer.weight + layer.scaling * layer.lora_B.weight @ layer.lora_A.weight).norm(dim=1).detach()
 
 
 @pytest.mark.parametrize("optimizer_kwargs", [dict(foreach=True), dict(foreach=False), dict(fused=True)])
-def test_norm_cache_follows_every_kind_of_optimizer(optimizer_kwargs):
-    """Fused AdamW does not bump version counters; the step hook still invalidates the cache."""
+def test_evaluation_reuses_the_norm_until_any_optimizer_steps(optimizer_kwargs):
+    """Forwards without autograd reuse n; an optimizer step of any kind refreshes it, fused AdamW's
+    too (it leaves version counters alone), even with an evaluation between backward and step."""
     layer = make_layer(16, 12, 4, False, True, torch.float32, seed=2).train()
     opt = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=0.1, **optimizer_kwargs)
     for _ in range(3):
         layer(torch.randn(3, 12)).pow(2).sum().backward()
+        with torch.no_grad():
+            n = layer.direction_norm()
+            layer.eval()(torch.randn(2, 12))
+            assert layer.direction_norm() is n  # reused
         opt.step()
         opt.zero_grad()
-        dense = (layer.base_layer.weight + layer.scaling * layer.lora_B.weight @ layer.lora_A.weight).norm(dim=1)
-        torch.testing.assert_close(layer.direction_norm(), dense.detach(), atol=1e-5, rtol=1e-5)
+        layer.train()
+        with torch.no_grad():
+            torch.testing.assert_close(layer.direction_norm(), dense_norm(layer), atol=1e-5, rtol=1e-5)
+
+
+def test_training_forwards_never_read_a_cached_norm():
+    layer = make_layer(16, 12, 4, False, True, torch.float64, seed=1).train()
+    with torch.no_grad():
+        layer.direction_norm()  # cached now
+        layer.lora_B.weight.data.mul_(2)  # through .data: no version bump, so no cache key sees it
+    x = torch.randn(3, 12, dtype=torch.float64)
+    W, A, B = layer.base_layer.weight, layer.lora_A.weight, layer.lora_B.weight
+    expected = reference_forward(x, W, None, A, B, layer.magnitude, layer.scaling, True)
+    torch.testing.assert_close(layer(x), expected)
 
 
 def test_gradient_accumulation_equals_one_big_batch():

@@ -53,17 +53,27 @@ CASES = [
     (4, True, False, 0.3, (2, 3)),
     (8, False, True, 0.3, (7,)),
     (0, True, True, 0.0, (2, 3)),  # magnitude-only
+    (0, False, True, 0.0, (5,)),
     (0, False, True, 0.3, (6,)),
     (0, True, False, 0.3, (2, 4)),
 ]
 
 
+ZERO_ROWS = [0, 5, 11]
+
+
+@pytest.mark.parametrize("zero_rows", [False, True], ids=["", "zero_m_rows"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
 @pytest.mark.parametrize("r,bias,simple,p,lead", CASES)
-def test_layer_matches_float64_reference(r, bias, simple, p, lead, dtype, tol):
+def test_layer_matches_float64_reference(r, bias, simple, p, lead, dtype, tol, zero_rows):
+    """Forward and every gradient; ``zero_rows``: some rows with m = 0, so g = 0 there while
+    m's gradient is sum_T(dy * h) / n (a path that recovers h from the output y = g * h cannot)."""
     out_f, in_f = 12, 10
     seed = torch.seed() % (2**31)  # fresh inputs each run; the seed is in the failure message
     layer = make_layer(out_f, in_f, r, bias, simple, dtype, seed, p).train()
+    if zero_rows:
+        with torch.no_grad():
+            layer.weight_m_wdecomp.weight[ZERO_ROWS] = 0.0
     x = torch.randn(*lead, in_f, dtype=dtype, requires_grad=True)
     mask = None
     if p > 0:
@@ -93,6 +103,8 @@ def test_layer_matches_float64_reference(r, bias, simple, p, lead, dtype, tol):
         pairs += [(layer.lora_A.weight.grad, A.grad), (layer.lora_B.weight.grad, B.grad)]
     for ours, ref in pairs:
         torch.testing.assert_close(ours.double(), ref, atol=tol * ref.abs().max().item(), rtol=tol, msg=msg)
+    if zero_rows:
+        assert m.grad[ZERO_ROWS].abs().min() > 1e-6 * m.grad.abs().max(), msg  # a gradient to get right
 
 
 @pytest.mark.parametrize("r,p", [(4, 0.0), (4, 0.5), (0, 0.5)])

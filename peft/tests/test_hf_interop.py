@@ -12,8 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from peft import DoraConfig, LoraConfig, PeftModel, get_peft_model
+from peft import DoraConfig, LoraConfig, PeftConfig, PeftModel, get_peft_model
 from peft.peft_model import adapter_state_tensors
+from peft.utils.save_and_load import read_adapter
 from peft.utils.hf_format import (
     HfFormatError,
     config_from_hf,
@@ -172,14 +173,14 @@ def test_export_refuses_magnitude_only_modules_and_writes_nothing(tmp_path):
 )
 def test_import_refuses_unsupported_hf_option_naming_it(option, value):
     with pytest.raises(HfFormatError, match=f"not supported by this fork: {option}="):
-        config_from_hf({**HF_0_21_2_DORA_CONFIG, option: value})
+        config_from_hf({**HF_0_21_2_DORA_CONFIG, option: value}, [])
 
 
 def test_import_accepts_neutral_hf_values_and_lists_every_unsupported_option():
     for init in (True, False, "gaussian"):
-        assert config_from_hf({**HF_0_21_2_DORA_CONFIG, "init_lora_weights": init})["peft_type"] == "DORA"
+        assert config_from_hf({**HF_0_21_2_DORA_CONFIG, "init_lora_weights": init}, [])["peft_type"] == "DORA"
     with pytest.raises(HfFormatError) as err:
-        config_from_hf({**HF_0_21_2_DORA_CONFIG, "use_rslora": True, "layers_to_transform": [1]})
+        config_from_hf({**HF_0_21_2_DORA_CONFIG, "use_rslora": True, "layers_to_transform": [1]}, [])
     assert "layers_to_transform=[1]" in str(err.value) and "use_rslora=True" in str(err.value)
 
 
@@ -191,13 +192,20 @@ def test_import_refusal_through_from_pretrained(tmp_path):
         PeftModel.from_pretrained(make_tiny_llama(0), str(tmp_path / "hf"))
 
 
-def test_import_resolves_all_linear_from_the_weights():
-    adapted = [f"base_model.model.model.layers.{i}.{part}.{leaf}" for i in range(2)
-               for part, leaf in [("self_attn", "q_proj"), ("mlp", "down_proj")]]
-    config = config_from_hf({**HF_0_21_2_DORA_CONFIG, "target_modules": "all-linear"}, adapted)
-    assert config["target_modules"] == ["down_proj", "q_proj"]
-    with pytest.raises(HfFormatError, match="all-linear"):
-        config_from_hf({**HF_0_21_2_DORA_CONFIG, "target_modules": "all-linear"})
+def test_all_linear_resolves_from_the_weights_through_every_reader(tmp_path):
+    """HF's target_modules "all-linear" names no modules; the weights do. PeftConfig.from_pretrained,
+    read_adapter and PeftModel.from_pretrained read such a folder alike (they share one reader)."""
+    model = adapted_model(DoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
+    model.save_pretrained(tmp_path, hf_format=True)
+    config_path = tmp_path / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "target_modules": "all-linear"}))
+    from_config = PeftConfig.from_pretrained(str(tmp_path))
+    from_reader, tensors = read_adapter(str(tmp_path))
+    loaded = PeftModel.from_pretrained(make_tiny_llama(0), str(tmp_path))
+    assert from_config == from_reader == loaded.peft_config
+    assert type(from_config) is DoraConfig and from_config.target_modules == ["down_proj", "q_proj"]
+    tokens = random_tokens(fresh_generator())
+    torch.testing.assert_close(eval_logits(loaded, tokens), eval_logits(model, tokens))
 
 
 def test_import_refuses_weights_that_do_not_fit_the_config():

@@ -6,8 +6,7 @@ wins over a pip-installed HF peft.
 __version__ = "0.3.0.dora"
 
 from .config import AdapterConfigError, PeftConfig, PeftType, TaskType
-from .mapping import get_peft_model
-from .peft_model import PeftMixedModel, PeftModel
+from .peft_model import PeftMixedModel, PeftModel, get_peft_model
 from .tuners.dora import DoraConfig, DoraLinear, DoraModel
 from .tuners.lora import LoraConfig, LoraLinear, LoraModel
 from .tuners.tuners_utils import TargetModulesError

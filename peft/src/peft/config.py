@@ -3,6 +3,10 @@
 The JSON layout is the original DoRA fork's, byte for byte:
 ``json.dumps(config, indent=2, sort_keys=True)`` with ``inference_mode`` set to true,
 so adapters written here load in the original code and the released adapters load here.
+
+A leaf: this module imports nothing else of the fork (but ``utils.io``), so every other
+module may import it. Reading an adapter folder, in this fork's format or HF peft's, is
+``utils.save_and_load.read_adapter``'s job; ``PeftConfig.from_pretrained`` goes through it.
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import json
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Callable, ClassVar, Optional, Union
 
 from .utils.io import atomic_write_text
 
@@ -35,9 +39,27 @@ class AdapterConfigError(ValueError):
     """An adapter_config.json (or config argument) that cannot describe a valid adapter."""
 
 
+def parse_peft_type(value) -> PeftType:
+    """``PeftType`` for a PeftType or its name in any case ("dora", "DORA"); a clear error otherwise."""
+    try:
+        return PeftType(str(getattr(value, "value", value)).upper())
+    except ValueError:
+        raise AdapterConfigError(
+            f"unknown peft_type {value!r}; expected one of {[t.value for t in PeftType]}"
+        ) from None
+
+
 @dataclass
 class PeftConfig:
     """Fields every adapter type has. Subclasses add the tuner's own hyper-parameters."""
+
+    # peft_type when none is given (each adapter type's config class sets its own)
+    DEFAULT_PEFT_TYPE: ClassVar[Optional[PeftType]] = None
+    # The reader of adapter folders behind ``from_pretrained``: ``read_adapter_config``, which
+    # utils/save_and_load.py installs here when ``import peft`` imports it. Reading needs the
+    # HF conversion, the weight files and the tuners' config classes, which this leaf must not
+    # import.
+    folder_reader: ClassVar[Optional[Callable[[str], "PeftConfig"]]] = None
 
     peft_type: Optional[Union[str, PeftType]] = None
     task_type: Optional[Union[str, TaskType]] = None
@@ -45,16 +67,13 @@ class PeftConfig:
     inference_mode: bool = False
 
     def __post_init__(self):
+        if self.peft_type is None:
+            self.peft_type = self.DEFAULT_PEFT_TYPE
         self.validate()
 
     def validate(self) -> None:
         if self.peft_type is not None:
-            try:
-                self.peft_type = PeftType(str(getattr(self.peft_type, "value", self.peft_type)).upper())
-            except ValueError:
-                raise AdapterConfigError(
-                    f"unknown peft_type {self.peft_type!r}; expected one of {[t.value for t in PeftType]}"
-                ) from None
+            self.peft_type = parse_peft_type(self.peft_type)
 
     # ---- dict / JSON -------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -88,21 +107,15 @@ class PeftConfig:
 
     @classmethod
     def from_pretrained(cls, directory: str) -> "PeftConfig":
-        """Read ``directory/adapter_config.json`` into the config class its peft_type names.
+        """The config of the adapter folder ``directory`` (this fork's format or HF peft's), read
+        as ``PeftModel.from_pretrained`` reads it: by ``utils.save_and_load.read_adapter_config``.
 
-        An HF peft LoRA/DoRA config is converted to this fork's (see ``utils/hf_format.py``).
+        On a subclass, the folder must hold that kind of adapter (DoraConfig is a LoraConfig).
         """
-        from .utils.hf_format import config_from_hf, is_hf_config  # hf_format imports this module
-
-        data = read_config_dict(directory)
-        if is_hf_config(data):
-            data = config_from_hf(data)
-        config_cls = cls
-        if cls is PeftConfig:
-            from .mapping import config_class_for
-
-            config_cls = config_class_for(data.get("peft_type"))
-        return config_cls.from_dict(data)
+        config = PeftConfig.folder_reader(directory)
+        if not isinstance(config, cls):
+            raise AdapterConfigError(f"{directory} holds a {type(config).__name__}, not a {cls.__name__}")
+        return config
 
 
 def read_config_dict(directory: str) -> dict:

@@ -1,7 +1,7 @@
-"""Adapter type -> config class and tuner class; ``get_peft_model``."""
+"""Adapter type -> config class and tuner class."""
 from __future__ import annotations
 
-from .config import AdapterConfigError, PeftConfig, PeftType
+from .config import PeftType, parse_peft_type
 from .tuners.dora import DoraConfig, DoraModel
 from .tuners.lora import LoraConfig, LoraModel
 
@@ -10,16 +10,5 @@ PEFT_TYPE_TO_TUNER = {PeftType.LORA: LoraModel, PeftType.DORA: DoraModel}
 
 
 def config_class_for(peft_type) -> type:
-    try:
-        return PEFT_TYPE_TO_CONFIG[PeftType(str(getattr(peft_type, "value", peft_type)).upper())]
-    except ValueError:
-        raise AdapterConfigError(
-            f"unknown peft_type {peft_type!r}; this fork supports {[t.value for t in PEFT_TYPE_TO_CONFIG]}"
-        ) from None
-
-
-def get_peft_model(model, peft_config: PeftConfig):
-    """Wrap ``model`` with the adapter ``peft_config`` describes (only the adapter trains)."""
-    from .peft_model import PeftModel
-
-    return PeftModel(model, peft_config)
+    """The config class of ``peft_type`` (a PeftType or its name); a clear error for others."""
+    return PEFT_TYPE_TO_CONFIG[parse_peft_type(peft_type)]

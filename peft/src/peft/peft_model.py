@@ -1,4 +1,4 @@
-"""``PeftModel``: a base model plus one adapter; save, load, merge, disable."""
+"""``PeftModel``: a base model plus one adapter; save, load, merge, disable; ``get_peft_model``."""
 from __future__ import annotations
 
 import contextlib
@@ -126,6 +126,11 @@ class PeftModel(nn.Module):
     def load_adapter_state(self, directory: str) -> None:
         """Replace this model's adapter tensors with those saved in ``directory`` (strict)."""
         set_peft_model_state_dict(self, load_adapter_weights(directory))
+
+
+def get_peft_model(model: nn.Module, peft_config: PeftConfig) -> PeftModel:
+    """Wrap ``model`` with the adapter ``peft_config`` describes (only the adapter trains)."""
+    return PeftModel(model, peft_config)
 
 
 def adapter_state_tensors(model: PeftModel) -> dict:

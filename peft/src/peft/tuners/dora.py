@@ -1,23 +1,29 @@
 r"""DoRA: Weight-Decomposed Low-Rank Adaptation (Liu et al., ICML 2024).
 
-A frozen linear layer y = W x + b (W is out x in) is re-parameterised as magnitude times
-direction, and only the direction gets a low-rank update:
+A frozen linear layer y = W x + b (W is out x in, as ``nn.Linear`` stores it) is
+re-parameterised as magnitude times direction, and only the direction gets a low-rank update:
 
-    V  = W + s B A                  s = lora_alpha / r,  A: r x in,  B: out x r
-    n  = ||V||                      the L2 norm of each row of V (one value per output)
-    g  = m / n                      m: the learned magnitude, one value per output
-    W' = g * V                      (row-wise scaling) the adapted weight
+    (1)  V  = W + s B A             s = lora_alpha / r,  A: r x in,  B: out x r
+    (2)  n  = ||V||                 the L2 norm of each row of V (one value per output)
+    (3)  g  = m / n                 m: the learned magnitude, one value per output
+    (4)  W' = g * V                 (row-wise scaling) the adapted weight
+
+Paper <-> code: the paper writes W' = m (W0 + BA) / ||W0 + BA||_c with W0 in R^{d x k},
+m in R^{1 x k} and ||.||_c the L2 norm of each of the k columns. Here, as in the official
+code (``torch.linalg.norm(V, dim=1)`` of the out x in weight), n is the norm of each row, one
+per output: the paper's columns are our rows, i.e. its W0 is our W^T (d = in, k = out) and
+its BA is our (s B A)^T.
 
 Initialisation: A kaiming-uniform (a = sqrt(5)), B = 0, m = ||W||, so g = 1 and W' = W.
 
 Forward, eval mode or no dropout (one base matmul):
 
-    y = g * (W x + s B A x) + b
+    (5)  y = g * (W x + s B A x) + b
 
 Forward in training with dropout p > 0 (paper-exact, what the original code computes; the
 frozen path sees x, the adapted path sees drop(x)):
 
-    y = W x + (g - 1) * (W drop(x)) + g * s * B A drop(x) + b
+    (6)  y = W x + (g - 1) * (W drop(x)) + g * s * B A drop(x) + b
 
 ``g - 1`` is computed as (m - n) / n, which keeps its small value exact when m ~ n.
 
@@ -27,37 +33,40 @@ pass, saving memory; ``dora_simple=False`` lets the gradient flow through n.
 Magnitude-only modules (``Wdecompose_target_modules``) have no A, B: V = W, n = ||W||, and
 y = W x + (g - 1) * (W drop(x)) + b.
 
-The norm never builds V (an out x in temporary). It expands the square instead, in fp32:
+The norm (2) never builds V (an out x in temporary). It expands the square instead, in fp32:
 
     n^2 = ||W||^2 + 2 s rowsum(B * (W A^T)) + s^2 rowsum((B (A A^T)) * B)
 
-with ||W||^2 per row cached (W is frozen) and n^2 clamped away from zero.
+with ||W||^2 per row cached (W is frozen) and n^2 clamped away from zero (an all-zero row
+of V has no direction; its g is m / sqrt(eps), not NaN). Forwards without autograd
+(evaluation, generation) also reuse n until A, B or W change; training forwards recompute it
+(``DoraLinear.direction_norm`` says why).
 
 Merging writes W <- g V (the eval output is unchanged); unmerging restores W.
 
 An 8-bit or 4-bit (bitsandbytes) base layer -- QDoRA -- keeps its packed weight: W x is the
-layer's own quantized product, and the norms read the dequantized rows (the W that product
-applies) a block at a time, so no dequantized copy of W is kept (see quantized.py).
+layer's own quantized product, and the norms read the dequantized W (the W that product
+applies): an 8-bit W a block of rows at a time, a 4-bit W dequantized whole, once per norm,
+and freed at once, so no dequantized copy of W outlives the norm (see quantized.py).
 Such a layer cannot be merged.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Iterator, List, Optional, Tuple, Union
+from typing import ClassVar, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from ..config import AdapterConfigError, PeftType
+from ..config import PeftType
 from .dora_kernels import (
     DoraDropoutLinearFunction,
     DoraLinearFunction,
     autocast_off,
     check_input_dtype,
     dora_linear_inference,
-    optimizer_generation,
-    tensor_key,
 )
 from .lora import LoraConfig, LoraModel, low_rank_delta, resolve_target_modules
 from .quantized import dequantized_row_blocks, is_quantized
@@ -72,23 +81,14 @@ _FP32_CHUNK_ELEMENTS = 1 << 22
 
 @dataclass
 class DoraConfig(LoraConfig):
+    DEFAULT_PEFT_TYPE: ClassVar[PeftType] = PeftType.DORA
+    MODULE_LIST_OPTIONS: ClassVar[Tuple[str, ...]] = LoraConfig.MODULE_LIST_OPTIONS + ("Wdecompose_target_modules",)
+
     dora_simple: bool = True
     Wdecompose_target_modules: Optional[Union[List[str], str]] = None
 
-    def __post_init__(self):
-        if self.peft_type is None:
-            self.peft_type = PeftType.DORA
-        super().__post_init__()
 
-    def validate(self) -> None:
-        super().validate()
-        value = self.Wdecompose_target_modules
-        if isinstance(value, tuple):
-            self.Wdecompose_target_modules = list(value)
-        elif value is not None and not isinstance(value, (str, list)):
-            raise AdapterConfigError("DoraConfig: Wdecompose_target_modules must be a list of names or a regex")
-
-
+# ---- the norm (2), from W without building V ----------------------------------------------
 def weight_row_blocks(weight: Union[torch.Tensor, nn.Module]) -> Iterator[torch.Tensor]:
     """W a block of rows at a time, in at least fp32 (W itself when it already is).
 
@@ -124,7 +124,7 @@ def rowwise_sq_norm(weight: Union[torch.Tensor, nn.Module]) -> torch.Tensor:
 def factored_sq_norm(
     weight_sq_norm: torch.Tensor, weight: Union[torch.Tensor, nn.Module], lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float
 ) -> torch.Tensor:
-    """||W + s B A||^2 per row, without forming the out x in matrix.
+    """||W + s B A||^2 per row by the expanded square (module docstring): no out x in matrix.
 
     ``weight_sq_norm`` is ||W||^2 per row; the result has its dtype (fp32 or wider).
     ``weight`` is W or a quantized layer (see ``weight_row_blocks``).
@@ -142,15 +142,38 @@ class DoraMagnitude(nn.Linear):
     """The magnitude m, one fp32 value per output row, kept as the original fork's
     ``nn.Linear(1, out)`` so checkpoints keep the key ``weight_m_wdecomp.weight`` [out, 1].
 
-    Its forward turns the norm n into (g, g - 1) = (m / n, (m - n) / n). m is read only there,
-    which lets FSDP make it a unit of its own and keep it out of mixed precision: otherwise
-    FSDP would hand the forward m rounded to fp16/bf16, and g = m / n would carry that rounding
-    (see sharding.keep_magnitude_fp32).
+    Its forward turns the norm n into (g, g - 1) = (m / n, (m - n) / n), eq. (3). m is read
+    only there, which lets FSDP make it a unit of its own and keep it out of mixed precision:
+    otherwise FSDP would hand the forward m rounded to fp16/bf16, and g = m / n would carry
+    that rounding (see sharding.keep_magnitude_fp32).
     """
 
     def forward(self, n: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         m = self.weight.view(-1)
         return m / n, (m - n) / n
+
+
+# ---- what the cached norms are keyed on ----------------------------------------------------
+# In-place edits bump a tensor's version counter, but fused optimizers (AdamW(fused=True)) do
+# not, so every optimizer step, of any optimizer, also bumps this process-wide count.
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def optimizer_generation() -> int:
+    return _optimizer_steps
+
+
+def tensor_key(t: torch.Tensor) -> tuple:
+    """What identifies a tensor's current contents cheaply (no data is read)."""
+    return (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
 
 
 class DoraLinear(AdapterLayer):
@@ -221,7 +244,7 @@ class DoraLinear(AdapterLayer):
         return self.base_is_quantized or not is_fsdp_view(self.base_layer.weight)
 
     def weight_sq_norm(self) -> torch.Tensor:
-        """||W||^2 per row (fp32), computed once and reused while W is unchanged."""
+        """||W||^2 per row (fp32), computed once and reused while W is unchanged (W is frozen)."""
         self._check_full_weight()
         weight = self.base_layer.weight
         if not self._norms_cacheable():
@@ -236,19 +259,27 @@ class DoraLinear(AdapterLayer):
         return cache[1]
 
     def direction_norm(self) -> torch.Tensor:
-        """n = ||W + s B A|| per row, fp32; a constant for autograd when dora_simple.
+        """n = ||W + s B A|| per row (2), fp32; a constant for autograd when dora_simple.
 
-        A constant n is cached until A, B or W change (or an optimizer steps), so gradient
-        accumulation micro-batches, checkpoint recomputation and evaluation reuse it.
+        Only forwards without autograd (evaluation, generation) reuse a cached n: see below.
         """
-        if self.r == 0:  # clamped as below: an all-zero row of W gives g = m / sqrt(eps), not NaN
+        if self.r == 0:  # V = W, clamped as below
             return self.weight_sq_norm().clamp_min(NORM_SQ_EPS).sqrt()
-        detached = self.dora_simple or not torch.is_grad_enabled()
-        if not detached:
-            return self._compute_direction_norm()
-        if not self._norms_cacheable():
+        if torch.is_grad_enabled():
+            if not self.dora_simple:
+                return self._compute_direction_norm()
             with torch.no_grad():
                 return self._compute_direction_norm()
+        # Why only here (benchmarks/norm_cache.py -> results/norm_cache_cpu*.json, CPU, r = 32):
+        # computing n takes about as long as a whole generation step's forward with n cached
+        # (0.9-1.2x; 1-8x over a 4-bit base) and 2-11% of an evaluation batch's, but only
+        # 1-1.4% of a SmolLM2-shaped training micro-batch (5% of a 7B-shaped one at 512 tokens,
+        # falling as 1 / tokens), saved on k - 1 of k micro-batches at best (never with one per
+        # step). So training forwards recompute n and never depend on this cache. The key
+        # changes when A, B or W is replaced or edited in place, or when any optimizer steps
+        # (fused optimizers leave version counters alone).
+        if not self._norms_cacheable():
+            return self._compute_direction_norm()
         key = (
             tensor_key(self.lora_A.weight),
             tensor_key(self.lora_B.weight),
@@ -256,11 +287,11 @@ class DoraLinear(AdapterLayer):
             optimizer_generation(),
         )
         if self._norm_cache is None or self._norm_cache[0] != key:
-            with torch.no_grad():
-                self._norm_cache = (key, self._compute_direction_norm())
+            self._norm_cache = (key, self._compute_direction_norm())
         return self._norm_cache[1]
 
     def _compute_direction_norm(self) -> torch.Tensor:
+        """n from the expanded square (module docstring), clamped: n^2 >= NORM_SQ_EPS."""
         with autocast_off(self.lora_B.weight):  # fp32 (or wider), whatever autocast says
             sq = factored_sq_norm(
                 self.weight_sq_norm(), self._weight_source(), self.lora_A.weight, self.lora_B.weight, self.scaling
@@ -286,18 +317,18 @@ class DoraLinear(AdapterLayer):
         lora_B = self.lora_B.weight if self.r > 0 else None
         dropout_active = self.training and not isinstance(self.lora_dropout, nn.Identity)
         with autocast_off(x):
-            g, g_minus_1 = self.weight_m_wdecomp(self.direction_norm())  # m / n and (m - n) / n, fp32
+            g, g_minus_1 = self.weight_m_wdecomp(self.direction_norm())  # (2), (3): fp32
         if self.base_is_quantized:
             return self._quantized_forward(x, g, g_minus_1, dropout_active)
         dtype = check_input_dtype(x, weight)
         with autocast_off(x):
             x = x.to(dtype)  # autograd casts the gradient back to x's dtype
             bias = bias.to(dtype) if bias is not None else None
-            if not dropout_active:  # y = g * (W x + s B A x) + b
+            if not dropout_active:  # (5) y = g * (W x + s B A x) + b
                 if not torch.is_grad_enabled():
                     return dora_linear_inference(x, weight, bias, lora_A, lora_B, self.scaling, g)
                 return DoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, g, self.scaling)
-            # y = W x + (g - 1) * (W drop(x)) + g * s B A drop(x) + b, with g - 1 = (m - n) / n
+            # (6) y = W x + (g - 1) * (W drop(x)) + g * s B A drop(x) + b, with g - 1 = (m - n) / n
             x_drop = self.lora_dropout(x)
             return DoraDropoutLinearFunction.apply(
                 x, x_drop, weight, bias, lora_A, lora_B, g, g_minus_1, self.scaling
@@ -315,14 +346,16 @@ class DoraLinear(AdapterLayer):
             a, b = self.lora_A.weight.to(inputs.dtype), self.lora_B.weight.to(inputs.dtype)
             return nn.functional.linear(nn.functional.linear(inputs, a), b) * self.scaling
 
-        if not dropout_active:  # y = g * (W x + s B A x) + b
+        if not dropout_active:  # (5) y = g * (W x + s B A x) + b
             h = base_out - bias if bias is not None else base_out
             delta = low_rank(x)
             if delta is not None:
                 h = h + delta.to(dtype)
-            y = h + g_minus_1.to(dtype) * h  # g * h with g - 1 rounded, not g (dora_kernels' rule)
+            # g * h as h + (g - 1) h: rounded to the activation dtype, the small g - 1 keeps its
+            # precision where g would not (these autograd ops stay in one dtype)
+            y = h + g_minus_1.to(dtype) * h
             return y + bias if bias is not None else y
-        # y = W x + (g - 1) * (W drop(x)) + g * s B A drop(x) + b
+        # (6) y = W x + (g - 1) * (W drop(x)) + g * s B A drop(x) + b
         x_drop = self.lora_dropout(x)
         dropped = self.base_layer(x_drop)
         if bias is not None:
@@ -337,7 +370,7 @@ class DoraLinear(AdapterLayer):
     # ---- merge -------------------------------------------------------------------------
     @torch.no_grad()
     def merge(self) -> None:
-        """W <- g * (W + s B A)."""
+        """W <- g * (W + s B A), eq. (4)."""
         self._check_can_merge()
         weight = self.base_layer.weight
         with autocast_off(weight):

@@ -9,11 +9,16 @@ n when ``dora_simple=False``).
 Without dropout (and always in eval mode) -- one base matmul, as LoRA:
 
     forward   h = x W^T + s (x A^T) B^T ;  y = g * h + b
-    backward  grad_g = sum_T(dy * h)       (h = (y - b) / g: the saved tensor is the output
-                                            itself when there is no bias, so it costs no memory
-                                            beyond what the caller keeps)
+    backward  grad_g = sum_T(dy * h)
               dyg = dy * g
               grad_x = dyg W + s (dyg B) A ;  grad_B = s dyg^T (x A^T) ;  grad_A = s (dyg B)^T x
+
+grad_g needs h. With a bias, h is kept; without one, the output y = g * h is kept instead
+and grad_g = sum_T(dy * y) / g, so h costs no memory beyond the output the caller holds
+anyway. That recovers h only where g is not zero (nor so small that g * h underflows), so
+the output is kept only when every |g| >= sqrt(tiny), tiny the dtype's smallest normal
+(``output_recovers_h``: y / g is then h to the dtype's precision, up to an absolute error
+below sqrt(tiny) * eps), and h otherwise.
 
 With dropout (paper-exact; x_d = drop(x) comes from the caller's dropout module, so its
 mask and backward stay the module's own):
@@ -39,9 +44,9 @@ and ``dora_linear_inference``, on the torch and the Triton path alike:
     an fp32 x gets an fp32 gradient); W, A and B are cast to c inside, for the matmuls only
     (W again in backward rather than kept, so no extra copy of W lives until then). The
     output is in c. g and g1 stay fp32 (the norm behind them is computed in fp32 with
-    autocast off), and every elementwise pass applies them in fp32 arithmetic: Triton in fp32
-    registers, torch as h + h * (g - 1) with the small g - 1 rounded to c, never g itself
-    (1 + 2^-9 does not exist in bf16, so a rounded g would erase small magnitude updates).
+    autocast off), and every elementwise pass applies them in fp32 arithmetic and rounds the
+    result once to c: Triton in fp32 registers, torch by mixed-dtype ops (never g rounded to
+    c: 1 + 2^-9 does not exist in bf16, so a rounded g would erase small magnitude updates).
     Forward and backward run with autocast off (``autocast_off``), whatever autocast state
     the backward is called in. Gradients come back in each input's own dtype: fp32 for the
     adapter's A, B and, through g, m.
@@ -56,39 +61,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 # The elementwise passes between the matmuls (Triton on CUDA, torch elsewhere)
 from .dora_triton import compose_backward, compose_dropout_forward, scale_columns_
-
-# ---- optimizer-step generation ------------------------------------------------------------
-# The cached norm n depends on A and B. Plain in-place updates bump a tensor's version
-# counter, but fused optimizers (AdamW(fused=True)) do not, so every optimizer step also
-# bumps this generation counter, which is part of the cache key.
-_optimizer_steps = 0
-
-
-def _count_optimizer_step(optimizer, args, kwargs) -> None:
-    global _optimizer_steps
-    _optimizer_steps += 1
-
-
-register_optimizer_step_post_hook(_count_optimizer_step)
-
-
-def optimizer_generation() -> int:
-    return _optimizer_steps
-
-
-def tensor_key(t: Optional[torch.Tensor]) -> tuple:
-    """What identifies a tensor's current contents cheaply (no data is read)."""
-    if t is None:
-        return ()
-    return (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
 
 
 # ---- precision --------------------------------------------------------------------------------
@@ -161,22 +139,15 @@ def dora_linear_inference(x, weight, bias, lora_A, lora_B, scaling, g) -> torch.
         return scale_columns_(h, g, bias)
 
 
-def _linear_grads(scaled_dy, dyg, x_lora, xa, weight, lora_A, lora_B, s, x_shape, need_input, need_A, need_B):
-    """The matmul part of both backwards: the input's gradient scaled_dy W + s (dyg B) A, and
-    grad_A = s (dyg B)^T x_lora, grad_B = s dyg^T (x_lora A^T), where dyg = dy * g."""
-    has_lora = lora_A is not None
-    grad_input = grad_A = grad_B = None
-    dyg_b = dyg @ lora_B.to(dyg.dtype) if has_lora and (need_input or need_A) else None  # [T, r]
-    if need_input:
-        grad_input = scaled_dy @ weight
-        if has_lora:
-            grad_input = grad_input.addmm_(dyg_b, lora_A.to(dyg.dtype), alpha=s)
-        grad_input = grad_input.view(x_shape)
-    if has_lora and need_B:
-        grad_B = (dyg.t() @ xa).mul_(s).to(lora_B.dtype)
-    if has_lora and need_A:
-        grad_A = (dyg_b.t() @ x_lora).mul_(s).to(lora_A.dtype)
-    return grad_input, grad_A, grad_B
+def output_recovers_h(g: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether y = g * h in ``dtype`` gives h back as y / g (the module docstring).
+
+    The check reads g (on a GPU, one host sync per call; only training forwards without a bias
+    make it). Inside torch.compile it is False: a traced graph cannot branch on values.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    return bool((g.abs() >= torch.finfo(dtype).tiny ** 0.5).all())
 
 
 class DoraLinearFunction(torch.autograd.Function):
@@ -193,18 +164,18 @@ class DoraLinearFunction(torch.autograd.Function):
             a, b = lora_A.to(dtype), lora_B.to(dtype)
             xa = x2 @ a.t()
             h = h.addmm_(xa, b.t(), alpha=scaling)
-        # y = g * h (+ b)
-        if bias is None:
-            y = scale_columns_(h, g)  # in place: the output doubles as the saved tensor, h = y / g
-            saved_h_or_y = y
+        # y = g * h (+ b); grad_g = sum_T(dy * h) reads h, or y = g * h where that gives h back
+        need_g = ctx.needs_input_grad[5]
+        ctx.divide_by_g = False
+        if bias is None and (not need_g or output_recovers_h(g, dtype)):
+            y = saved = scale_columns_(h, g)  # in place
+            ctx.divide_by_g = need_g
         else:
-            y = scale_columns_(h, g, bias, out=torch.empty_like(h))  # h is kept for backward
-            saved_h_or_y = h
+            y = scale_columns_(h, g, bias, out=torch.empty_like(h))
+            saved = h
         ctx.scaling = scaling
-        ctx.has_bias = bias is not None
-        ctx.has_lora = lora_A is not None
         ctx.x_shape = x.shape
-        ctx.save_for_backward(x2, weight, lora_A, lora_B, g, xa, saved_h_or_y)
+        ctx.save_for_backward(x2, weight, lora_A, lora_B, g, xa, saved)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -214,16 +185,24 @@ class DoraLinearFunction(torch.autograd.Function):
         s = ctx.scaling
         dtype = x2.dtype
         dy2 = _flat(dy).to(dtype)
-        weight = weight.to(dtype)
         need_x, _, need_bias, need_A, need_B, need_g, _ = ctx.needs_input_grad
+        has_lora = lora_A is not None
 
-        # dyg = dy * g and grad_g = sum_T(dy * h) in one pass; without bias the
-        # saved tensor is y = g * h, so sum(dy * y) / g (rows with g = 0 have h = 0 there)
-        dyg, _, grad_g = compose_backward(dy2, saved, g, divide_by_g=not ctx.has_bias)
+        # dyg = dy * g and grad_g = sum_T(dy * h) in one pass over [T, out]
+        dyg, _, grad_g = compose_backward(dy2, saved, g, divide_by_g=ctx.divide_by_g)
         grad_g = grad_g.to(g.dtype) if need_g else None
-        grad_x, grad_A, grad_B = _linear_grads(
-            dyg, dyg, x2, xa, weight, lora_A, lora_B, s, ctx.x_shape, need_x, need_A, need_B
-        )
+        # grad_x = dyg W + s (dyg B) A ;  grad_B = s dyg^T (x A^T) ;  grad_A = s (dyg B)^T x
+        grad_x = grad_A = grad_B = None
+        dyg_b = dyg @ lora_B.to(dtype) if has_lora and (need_x or need_A) else None  # [T, r]
+        if need_x:
+            grad_x = dyg @ weight.to(dtype)
+            if has_lora:
+                grad_x = grad_x.addmm_(dyg_b, lora_A.to(dtype), alpha=s)
+            grad_x = grad_x.view(ctx.x_shape)
+        if has_lora and need_B:
+            grad_B = (dyg.t() @ xa).mul_(s).to(lora_B.dtype)
+        if has_lora and need_A:
+            grad_A = (dyg_b.t() @ x2).mul_(s).to(lora_A.dtype)
         grad_bias = dy2.sum(dim=0).to(dtype) if need_bias else None
         return grad_x, None, grad_bias, grad_A, grad_B, grad_g, None
 
@@ -245,7 +224,7 @@ class DoraDropoutLinearFunction(torch.autograd.Function):
         w = weight.to(dtype)
         p = xd2 @ w.t()  # W x_d
         # y = x W^T + g1 * p + b in one pass (p itself is kept for grad_g)
-        y, p = compose_dropout_forward(x2 @ w.t(), p, None, g, g_minus_1, bias)
+        y = compose_dropout_forward(x2 @ w.t(), p, g_minus_1, bias)
         del w
         xa = None
         if lora_A is not None:

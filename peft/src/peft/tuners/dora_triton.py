@@ -1,13 +1,10 @@
 r"""Triton kernels for DoRA's elementwise work around the matmuls (with torch fallbacks).
 
 ``dora_kernels.py`` does the matmuls with torch; what is left between them is a handful
-of passes over [T, out] activations (and one tiny pass over [out, r] for the norm).
-Each pass here reads every input once and writes every output once, in the activation
-dtype, with the arithmetic in fp32 registers:
+of passes over [T, out] activations. Each pass here reads every input once and writes
+every output once, in the activation dtype, with the arithmetic in fp32 registers:
 
-    factored_norm            n = sqrt(max(eps, ||W||^2 + 2 s rowsum(B * W A^T)
-                                                 + s^2 rowsum((B A A^T) * B)))      [out]
-    compose_dropout_forward  y = base + g1 * p + g * q + b ;  h_drop = p + q       [T, out]
+    compose_dropout_forward  y = base + g1 * p + b                                  [T, out]
     compose_backward         dyg = dy * g ;  dyg1 = dy * g1 ;
                              grad_g = sum_T(dy * saved) (/ g)                        [T, out]
     scale_columns_           y = h * g + b                                           [T, out]
@@ -141,14 +138,6 @@ def triton_disabled() -> Iterator[None]:
         _enabled = previous
 
 
-_HALF_DTYPES = (torch.float16, torch.bfloat16)
-
-
-def _g_minus_one(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """g - 1 in (at least) fp32, then rounded to ``dtype``: small, so it keeps its precision."""
-    return (g.to(torch.promote_types(g.dtype, torch.float32)) - 1).to(dtype)
-
-
 def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
@@ -174,40 +163,10 @@ def _elementwise_grid(rows: int, cols: int) -> Tuple[int, int]:
 if TRITON_AVAILABLE:
 
     @triton.jit
-    def _factored_norm_kernel(
-        w2_ptr, w_at_ptr, b_ptr, aat_ptr, n_ptr,
-        out_features, rank, scaling, eps,
-        BLOCK_M: tl.constexpr, RANK_PAD: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        ranks = tl.arange(0, RANK_PAD)
-        row_ok = rows < out_features
-        rank_ok = ranks < rank
-        row_offsets = rows.to(tl.int64)[:, None] * rank
-        tile_ok = row_ok[:, None] & rank_ok[None, :]
-        b = tl.load(b_ptr + row_offsets + ranks[None, :], mask=tile_ok, other=0.0)
-        w_at = tl.load(w_at_ptr + row_offsets + ranks[None, :], mask=tile_ok, other=0.0)
-        cross = tl.sum(b * w_at, axis=1)
-        # rowsum((B @ AA^T) * B), a block of AA^T's columns at a time so r = 256 fits.
-        quad = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for k0 in range(0, RANK_PAD, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < rank
-            aat_cols = tl.load(
-                aat_ptr + ranks[:, None] * rank + ks[None, :], mask=rank_ok[:, None] & k_ok[None, :], other=0.0
-            )
-            b_aat = tl.dot(b, aat_cols, input_precision="ieee")  # ieee: no tf32 rounding
-            b_k = tl.load(b_ptr + row_offsets + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            quad += tl.sum(b_aat * b_k, axis=1)
-        w2 = tl.load(w2_ptr + rows, mask=row_ok, other=1.0)
-        sq_norm = w2 + (2.0 * scaling) * cross + (scaling * scaling) * quad
-        tl.store(n_ptr + rows, tl.sqrt_rn(tl.maximum(sq_norm, eps)), mask=row_ok)
-
-    @triton.jit
     def _compose_dropout_forward_kernel(
-        base_ptr, p_ptr, q_ptr, g_ptr, g1_ptr, bias_ptr, y_ptr,
+        base_ptr, p_ptr, g1_ptr, bias_ptr, y_ptr,
         num_rows, num_cols,
-        HAS_Q: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -217,11 +176,6 @@ if TRITON_AVAILABLE:
         p = tl.load(p_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         g1 = tl.load(g1_ptr + cols, mask=col_ok, other=0.0)
         y = tl.load(base_ptr + offsets, mask=mask, other=0.0).to(tl.float32) + g1[None, :] * p
-        if HAS_Q:
-            q = tl.load(q_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-            g = tl.load(g_ptr + cols, mask=col_ok, other=0.0)
-            y += g[None, :] * q
-            tl.store(p_ptr + offsets, (p + q).to(p_ptr.dtype.element_ty), mask=mask)  # h_drop
         if HAS_BIAS:
             y += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -264,9 +218,7 @@ if TRITON_AVAILABLE:
         for i in range(0, num_partials):  # a fixed order: the result is deterministic
             total += tl.load(partial_ptr + i * num_cols + cols, mask=col_ok, other=0.0)
         if DIVIDE_BY_G:
-            g = tl.load(g_ptr + cols, mask=col_ok, other=1.0)
-            safe_g = tl.where(g == 0.0, 1.0, g)
-            total = tl.where(g == 0.0, 0.0, tl.div_rn(total, safe_g))
+            total = tl.div_rn(total, tl.load(g_ptr + cols, mask=col_ok, other=1.0))
         tl.store(out_ptr + cols, total, mask=col_ok)
 
     @triton.jit
@@ -286,92 +238,33 @@ if TRITON_AVAILABLE:
         tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-# ---- factored_norm ------------------------------------------------------------------------
-def factored_norm(
-    weight_sq_norm: torch.Tensor,
-    w_at: torch.Tensor,
-    lora_B: torch.Tensor,
-    aat: torch.Tensor,
-    scaling: float,
-    eps: float,
-) -> torch.Tensor:
-    """n = sqrt(max(eps, w2 + 2 s rowsum(B * W A^T) + s^2 rowsum((B A A^T) * B))), per row.
-
-    ``weight_sq_norm`` [out], ``w_at`` = W A^T [out, r], ``lora_B`` [out, r], ``aat`` = A A^T
-    [r, r], all fp32 (wider stays on the torch path). Forward only: for the detached norm.
-    """
-    rank = lora_B.shape[1]
-    if use_triton(weight_sq_norm) and weight_sq_norm.dtype == torch.float32 and rank > 0:
-        result = _run_kernel("factored_norm", _factored_norm_triton, weight_sq_norm, w_at, lora_B, aat, scaling, eps)
-        if result is not _FAILED:
-            return result
-    dtype = weight_sq_norm.dtype
-    b = lora_B.to(dtype)
-    cross = (b * w_at.to(dtype)).sum(dim=1)
-    quad = ((b @ aat.to(dtype)) * b).sum(dim=1)
-    sq = weight_sq_norm + (2.0 * scaling) * cross + (scaling * scaling) * quad
-    return sq.clamp_min(eps).sqrt()
-
-
-def _factored_norm_triton(weight_sq_norm, w_at, lora_B, aat, scaling, eps) -> torch.Tensor:
-    rank = lora_B.shape[1]
-    out_features = weight_sq_norm.shape[0]
-    w2, w_at, b, aat = (_vector_fp32(t) for t in (weight_sq_norm, w_at, lora_B, aat))
-    n = torch.empty_like(w2)
-    rank_pad = max(16, triton.next_power_of_2(rank))  # tl.dot needs every dim >= 16
-    block_m = 32 if rank_pad <= 64 else 16  # keeps the [BLOCK_M, r] tiles in registers
-    block_k = min(rank_pad, 32)
-    with _launch_device(w2):
-        _factored_norm_kernel[(triton.cdiv(out_features, block_m),)](
-            w2, w_at, b, aat, n, out_features, rank, float(scaling), float(eps),
-            BLOCK_M=block_m, RANK_PAD=rank_pad, BLOCK_K=block_k,
-        )
-    return n
-
-
 # ---- compose_dropout_forward --------------------------------------------------------------
 def compose_dropout_forward(
-    base_x: torch.Tensor,
-    p: torch.Tensor,
-    q: Optional[torch.Tensor],
-    g: torch.Tensor,
-    g1: torch.Tensor,
-    bias: Optional[torch.Tensor],
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(y, h_drop) with y = base_x + g1 * p + g * q + bias and h_drop = p + q (q may be None).
+    base_x: torch.Tensor, p: torch.Tensor, g1: torch.Tensor, bias: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """y = base_x + g1 * p + bias, written into base_x's buffer (p is left intact).
 
-    All [T, out] in the activation dtype; g, g1 [out]. ``base_x`` and ``p`` are consumed:
-    y may live in base_x's buffer and h_drop in p's.
+    base_x and p are [T, out] in the activation dtype; g1 is [out].
     """
     if use_triton(base_x) and base_x.numel() > 0:
-        result = _run_kernel("compose_dropout_forward", _compose_dropout_forward_triton, base_x, p, q, g, g1, bias)
+        result = _run_kernel("compose_dropout_forward", _compose_dropout_forward_triton, base_x, p, g1, bias)
         if result is not _FAILED:
             return result
-    dtype = base_x.dtype
-    y = base_x.addcmul_(p, g1.to(dtype))
-    h_drop = p
-    if q is not None:
-        y = y.addcmul_(q, g.to(dtype))
-        h_drop = p.add_(q)
-    if bias is not None:
-        y = y.add_(bias.to(dtype))
-    return y, h_drop
+    y = torch.addcmul(base_x, p, g1, out=base_x)  # g1 unrounded (see scale_columns_)
+    return y.add_(bias) if bias is not None else y
 
 
-def _compose_dropout_forward_triton(base_x, p, q, g, g1, bias) -> Tuple[torch.Tensor, torch.Tensor]:
+def _compose_dropout_forward_triton(base_x, p, g1, bias) -> torch.Tensor:
     base_x, p = _rows_contiguous(base_x), _rows_contiguous(p)
-    q = None if q is None else _rows_contiguous(q)
     num_rows, num_cols = base_x.shape
     g1_32 = _vector_fp32(g1)
-    g_32 = _vector_fp32(g) if q is not None else g1_32  # unread without q
     bias_arg = bias.detach().contiguous() if bias is not None else g1_32  # unread without bias
     with _launch_device(base_x):
         _compose_dropout_forward_kernel[_elementwise_grid(num_rows, num_cols)](
-            base_x, p, q if q is not None else p, g_32, g1_32, bias_arg, base_x,
-            num_rows, num_cols,
-            HAS_Q=q is not None, HAS_BIAS=bias is not None, BLOCK_T=_TILE_T, BLOCK_N=_TILE_N,
+            base_x, p, g1_32, bias_arg, base_x, num_rows, num_cols,
+            HAS_BIAS=bias is not None, BLOCK_T=_TILE_T, BLOCK_N=_TILE_N,
         )
-    return base_x, p
+    return base_x
 
 
 # ---- compose_backward ---------------------------------------------------------------------
@@ -394,7 +287,8 @@ def compose_backward(
     """(dyg, dyg1, grad_g): dy * g, dy * g1 (None without g1), and sum_T(dy * saved).
 
     grad_g is accumulated in (at least) fp32 and divided by g when ``divide_by_g`` (the
-    saved tensor is y = g * h; columns with g == 0 give 0). ``need_dyg=False`` skips dyg.
+    saved tensor is y = g * h, which the caller saves only when no g is zero or tiny:
+    ``dora_kernels.output_recovers_h``). ``need_dyg=False`` skips dyg.
     """
     if use_triton(dy) and dy.numel() > 0:
         result = _run_kernel("compose_backward", _compose_backward_triton, dy, saved, g, g1, divide_by_g, need_dyg)
@@ -402,15 +296,11 @@ def compose_backward(
             return result
     dtype = dy.dtype
     grad_g = (dy * saved).sum(dim=0, dtype=torch.promote_types(dtype, torch.float32))
-    if divide_by_g:  # rows with g = 0 have y = 0, so their sum is already 0
-        grad_g = grad_g / torch.where(g == 0, torch.ones_like(g), g)
-    if not need_dyg:
-        dyg = None
-    elif dtype in _HALF_DTYPES:  # dy + dy * (g - 1), as scale_columns_
-        dyg = torch.addcmul(dy, dy, _g_minus_one(g, dtype))
-    else:
-        dyg = dy * g.to(dtype)
-    dyg1 = dy * g1.to(dtype) if g1 is not None else None
+    if divide_by_g:
+        grad_g = grad_g / g
+    # dy * g and dy * g1 as scale_columns_ computes h * g: one rounding, to dy's dtype
+    dyg = torch.mul(dy, g, out=torch.empty_like(dy)) if need_dyg else None
+    dyg1 = torch.mul(dy, g1, out=torch.empty_like(dy)) if g1 is not None else None
     return dyg, dyg1, grad_g
 
 
@@ -442,20 +332,19 @@ def scale_columns_(
     h: torch.Tensor, g: torch.Tensor, bias: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
     """y = h * g + bias, written into h (or into ``out`` when given, leaving h intact)."""
-    dtype = h.dtype
     if use_triton(h) and h.numel() > 0:
         result = _run_kernel("scale_columns_", _scale_columns_triton, h, g, bias, out)
         if result is not _FAILED:
             return result
-    if dtype in _HALF_DTYPES:  # h + h * (g - 1): g itself would round away near 1
-        y = torch.addcmul(h, h, _g_minus_one(g, dtype), out=h if out is None else out)
-        return y.add_(bias.to(dtype)) if bias is not None else y
-    if out is None:
-        y = h.mul_(g.to(dtype))
-        return y.add_(bias.to(dtype)) if bias is not None else y
+    # Mixed dtypes on purpose: torch then computes in the wider one (fp32 for a half-precision
+    # h) and rounds once to h's dtype, as the kernel does. g is never rounded: 1 + 2^-9 does not
+    # exist in bf16, so a rounded g would erase small magnitude updates, and y / g recovers h
+    # (dora_kernels.output_recovers_h) only from a once-rounded g * h. (On the CPU, torch
+    # upcasts a half-precision h to a temporary for this; on CUDA it casts in registers.)
+    y = h if out is None else out
     if bias is None:
-        return torch.mul(h, g.to(dtype), out=out)
-    return torch.addcmul(bias.to(dtype).expand_as(h), h, g.to(dtype), out=out)
+        return torch.mul(h, g, out=y)
+    return torch.addcmul(bias.expand_as(h), h, g, out=y)
 
 
 def _scale_columns_triton(h, g, bias, out) -> torch.Tensor:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Tuple, Union
+from typing import ClassVar, Iterable, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,10 @@ DEFAULT_TARGET_MODULES = {
 
 @dataclass
 class LoraConfig(PeftConfig):
+    DEFAULT_PEFT_TYPE: ClassVar[PeftType] = PeftType.LORA
+    # Options naming modules: a list of name suffixes or one regex (tuners_utils.module_matches).
+    MODULE_LIST_OPTIONS: ClassVar[Tuple[str, ...]] = ("target_modules", "modules_to_save")
+
     r: int = 8
     target_modules: Optional[Union[List[str], str]] = None
     lora_alpha: int = 8
@@ -46,11 +50,6 @@ class LoraConfig(PeftConfig):
     enable_lora: Optional[List[bool]] = None
     bias: str = "none"
     modules_to_save: Optional[List[str]] = None
-
-    def __post_init__(self):
-        if self.peft_type is None:
-            self.peft_type = PeftType.LORA
-        super().__post_init__()
 
     def validate(self) -> None:
         super().validate()
@@ -67,7 +66,7 @@ class LoraConfig(PeftConfig):
             raise AdapterConfigError(f"{name}: fan_in_fan_out=True (GPT-2 Conv1D) is not supported")
         if self.enable_lora is not None:
             raise AdapterConfigError(f"{name}: enable_lora (fused qkv MergedLinear) is not supported")
-        for option in ("target_modules", "modules_to_save"):
+        for option in self.MODULE_LIST_OPTIONS:
             value = getattr(self, option)
             if isinstance(value, tuple):
                 setattr(self, option, list(value))

@@ -10,16 +10,17 @@ Two things about FSDP matter to a DoRA layer:
    storage (FSDP1 without ``use_orig_params``), or a DTensor holding some rows (FSDP2).
    :func:`check_full_weight` turns all of those into a clear error instead of a wrong norm.
 
-2. The layer caches ||W||^2 and n keyed on the tensors' storage address and version counter
-   (``dora_kernels.tensor_key``), which is sound for a persistent parameter: any in-place
-   change bumps its version. Under FSDP it is not. The unsharded weight lives in a buffer
-   that FSDP frees after each forward and all-gathers again for the next; the allocator can
-   hand back the same address, and the all-gather does not bump the version. Loading new
-   adapter values (a best-checkpoint reload, a resume) writes the *shards*, so the next
-   forward can present an identical key for different values and reuse a stale norm (seen
-   on CPU with FSDP1: tests/test_distributed.py). So a layer under FSDP recomputes its norms
-   every forward. That costs one pass over W for ||W||^2 plus W A^T (out x in x r), about
-   (1 + r) / tokens of the layer's main matmul: well under 1% at the recipe's sizes.
+2. The layer caches ||W||^2, and n for forwards without autograd, keyed on the tensors'
+   storage address and version counter (``dora.tensor_key``), which is sound for a
+   persistent parameter: any in-place change bumps its version. Under FSDP it is not. The
+   unsharded weight lives in a buffer that FSDP frees after each forward and all-gathers
+   again for the next; the allocator can hand back the same address, and the all-gather does
+   not bump the version. Loading new adapter values (a best-checkpoint reload, a resume)
+   writes the *shards*, so the next forward can present an identical key for different
+   values and reuse a stale norm (seen on CPU with FSDP1: tests/test_distributed.py). So a
+   layer under FSDP recomputes its norms every forward. That costs one pass over W for
+   ||W||^2 plus W A^T (out x in x r), about (1 + r) / tokens of the layer's main matmul:
+   well under 1% at the recipe's sizes.
 
    FSDP1's unsharded weight is recognised by itself (:func:`is_fsdp_view`); FSDP2's is an
    ordinary parameter, so code that applies ``fully_shard`` calls ``set_norm_caching(model,

@@ -20,7 +20,7 @@ What does not convert is refused with one error naming it: this fork's magnitude
 from __future__ import annotations
 
 import warnings
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Tuple
 
 import torch
 
@@ -150,7 +150,7 @@ def unsupported_hf_options(config: dict) -> List[str]:
     return found
 
 
-def config_from_hf(config: dict, adapted: Optional[Iterable[str]] = None) -> dict:
+def config_from_hf(config: dict, adapted: Iterable[str]) -> dict:
     """This fork's config dict (for ``DoraConfig`` / ``LoraConfig``) for an HF peft config dict.
 
     ``adapted`` (the adapted module paths, from the weights) resolves target_modules
@@ -161,8 +161,6 @@ def config_from_hf(config: dict, adapted: Optional[Iterable[str]] = None) -> dic
         raise HfFormatError(f"HF peft adapter option(s) not supported by this fork: {', '.join(unsupported)}")
     target_modules = config.get("target_modules")
     if target_modules == HF_ALL_LINEAR:
-        if adapted is None:
-            raise HfFormatError("target_modules 'all-linear' can only be resolved with the adapter weights")
         target_modules = leaf_names(adapted)
     elif isinstance(target_modules, (list, tuple)):
         target_modules = list(target_modules)

@@ -16,7 +16,7 @@ from typing import Dict, Optional
 
 import torch
 
-from ..config import CONFIG_NAME, AdapterConfigError, read_config_dict
+from ..config import CONFIG_NAME, AdapterConfigError, PeftConfig, read_config_dict
 from ..mapping import config_class_for
 from ..tuners.tuners_utils import AdapterLayer, module_matches
 from .hf_format import LORA_A, from_hf, is_hf_config, to_hf
@@ -145,18 +145,30 @@ def load_adapter_weights(directory: str) -> Dict[str, torch.Tensor]:
 
 
 # ---- whole adapter folders, either format -------------------------------------------------
-def read_adapter(directory: str):
-    """(config, file-key tensors) of an adapter folder, in this fork's layout.
+def read_adapter(directory: str, load_weights: bool = True):
+    """(config, file-key tensors) of an adapter folder, in this fork's layout; the tensors are
+    None when ``load_weights`` is False. The one reader of adapter folders: ``PeftModel`` and
+    ``PeftConfig.from_pretrained`` both come here.
 
     The folder may be in this fork's (the original fork's) format or in HF peft's
-    (``hf_format.is_hf_config``); an HF adapter is converted on the way in.
+    (``hf_format.is_hf_config``); an HF adapter is converted on the way in, weights included
+    even for the config alone, since they name the modules of HF's ``target_modules:
+    "all-linear"`` and must fit the config.
     """
     data = read_config_dict(directory)
-    if not is_hf_config(data):
-        config = config_class_for(data.get("peft_type")).from_dict(data)  # a bad config fails before the weights load
-        return config, load_adapter_weights(directory)
-    data, tensors = from_hf(data, load_adapter_weights(directory))
-    return config_class_for(data["peft_type"]).from_dict(data), tensors
+    if is_hf_config(data):
+        data, tensors = from_hf(data, load_adapter_weights(directory))
+        return config_class_for(data["peft_type"]).from_dict(data), tensors if load_weights else None
+    config = config_class_for(data.get("peft_type")).from_dict(data)  # a bad config fails before the weights load
+    return config, load_adapter_weights(directory) if load_weights else None
+
+
+def read_adapter_config(directory: str) -> PeftConfig:
+    """The config of an adapter folder, in either format (``read_adapter``)."""
+    return read_adapter(directory, load_weights=False)[0]
+
+
+PeftConfig.folder_reader = read_adapter_config  # PeftConfig.from_pretrained (see config.py)
 
 
 def write_adapter(config, tensors: Dict[str, torch.Tensor], directory: str, hf_format: bool = False,
