@@ -4,7 +4,9 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from peft.tuners import dora_kernels
 from peft.tuners.dora import DoraLinear
+from peft.tuners.dora_kernels import DoraLinearFunction
 
 from test_dora_layer import FixedMaskDropout, make_layer, reference_forward
 
@@ -156,3 +158,117 @@ def test_torch_compile_gives_the_same_outputs_and_gradients(p):
     for (name, a), (_, b) in zip(eager.named_parameters(), compiled_layer.named_parameters()):
         if a.requires_grad:
             torch.testing.assert_close(b.grad, a.grad, msg=name)
+
+
+class RecordOps(TorchDispatchMode):
+    """Records every aten op; ``host_reads`` are those that copy a value back to Python
+    (``.item()``, ``bool(t)``: a host sync on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append((str(func), [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]))
+        return func(*args, **(kwargs or {}))
+
+    def host_reads(self):
+        return [name for name, _ in self.ops if "_local_scalar_dense" in name]
+
+    def matmuls(self, *shapes):
+        return [name for name, arg_shapes in self.ops if "mm" in name and arg_shapes[-2:] == list(shapes)]
+
+
+T_, IN_, OUT_, R_ = 6, 10, 12, 4
+SMALL_ROWS = [0, 5, 11]
+
+
+def no_bias_inputs(small: str, seed: int = 0):
+    """x, W, A, B, g (fp32, A, B, g and x needing grad), g = 0 or 1e-30 on SMALL_ROWS when asked."""
+    gen = torch.Generator().manual_seed(seed)
+    x, A, B = (torch.randn(*shape, generator=gen) for shape in [(T_, IN_), (R_, IN_), (OUT_, R_)])
+    W = torch.randn(OUT_, IN_, generator=gen)
+    g = 0.5 + torch.rand(OUT_, generator=gen)
+    g[SMALL_ROWS] = {"none": g[SMALL_ROWS], "zero": 0.0, "tiny": 1e-30}[small]  # 1e-30 < sqrt(fp32 tiny)
+    return [t.requires_grad_(t is not W) for t in (x, W, A, B, g)]
+
+
+def check_grads_against_float64(x, W, A, B, g, s, dy):
+    """Every gradient against the dense float64 formula y = g * (x W^T + s x A^T B^T)."""
+    leaves = [t.detach().double().requires_grad_() for t in (x, A, B, g)]
+    xr, Ar, Br, gr = leaves
+    (gr * (xr @ W.double().T + s * (xr @ Ar.T) @ Br.T)).backward(dy.double())
+    for ours, ref in zip((x.grad, A.grad, B.grad, g.grad), leaves):
+        torch.testing.assert_close(ours.double(), ref.grad, rtol=2e-5, atol=2e-5 * ref.grad.abs().max().item())
+    assert gr.grad[SMALL_ROWS].abs().min() > 1e-3 * gr.grad.abs().max()  # sum_T(dy * h), not 0
+
+
+@pytest.mark.parametrize("small", ["none", "zero", "tiny"])
+def test_no_bias_forward_reads_nothing_back_keeps_the_output_and_gets_the_formula(small):
+    """Without a bias the forward saves its output y (not h) whatever g is, and reads no value back
+    to the host (one sync per layer on a GPU); backward reads the small-|g| flag once and, only
+    when some |g| is small, recomputes h with one more base matmul. Gradients: float64 formula."""
+    x, W, A, B, g = no_bias_inputs(small)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with RecordOps() as forward:
+            y = DoraLinearFunction.apply(x, W, None, A, B, g, 0.7)
+    assert forward.host_reads() == []
+    activations = [t for t in saved if t.shape == y.shape]
+    assert activations and all(t.untyped_storage().data_ptr() == y.untyped_storage().data_ptr() for t in activations)
+    dy = torch.randn_like(y)
+    with RecordOps() as backward:
+        y.backward(dy)
+    assert len(backward.host_reads()) == 1
+    assert len(backward.matmuls((T_, IN_), (IN_, OUT_))) == (small != "none")  # x W^T again, or not
+    check_grads_against_float64(x, W, A, B, g, 0.7, dy)
+
+
+class CopyLandsOnSynchronize:
+    """A stand-in for the CUDA event after a non-blocking copy: the host copy holds a stale value
+    until ``synchronize``, as a real one may; counts the calls."""
+
+    def __init__(self, host, value):
+        self.host, self.value, self.synchronized = host, value, 0
+
+    def synchronize(self):
+        self.synchronized += 1
+        self.host.copy_(self.value)
+
+
+@pytest.mark.parametrize("small", ["none", "zero"])
+def test_an_asynchronously_copied_flag_is_waited_for_in_backward_only(small, monkeypatch):
+    """The CUDA branch of SmallMagnitudeFlag, run on the CPU: forward starts the copy and does not
+    wait; backward waits once before reading (a stale read would divide by g = 0, or recompute)."""
+    events = []
+
+    def copy_to_host(flag):
+        host = torch.logical_not(flag)  # stale: the opposite of the true value
+        events.append(CopyLandsOnSynchronize(host, flag.clone()))
+        return host, events[-1]
+
+    monkeypatch.setitem(dora_kernels._ASYNC_HOST_COPY, "cpu", copy_to_host)
+    x, W, A, B, g = no_bias_inputs(small, seed=1)
+    y = DoraLinearFunction.apply(x, W, None, A, B, g, 0.7)
+    assert len(events) == 1 and events[0].synchronized == 0
+    dy = torch.randn_like(y)
+    with RecordOps() as backward:
+        y.backward(dy)
+    assert events[0].synchronized == 1
+    assert len(backward.matmuls((T_, IN_), (IN_, OUT_))) == (small != "none")
+    check_grads_against_float64(x, W, A, B, g, 0.7, dy)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_no_bias_forward_never_synchronizes():
+    """On a GPU, the forward of a layer with a zero magnitude row makes no synchronizing call."""
+    x, W, A, B, g = (t.detach().cuda().requires_grad_(t.requires_grad) for t in no_bias_inputs("zero", seed=2))
+    DoraLinearFunction.apply(x, W, None, A, B, g, 0.7)  # warm-up: first Triton compile, allocators
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = DoraLinearFunction.apply(x, W, None, A, B, g, 0.7)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    check_grads_against_float64(x, W, A, B, g, 0.7, dy)

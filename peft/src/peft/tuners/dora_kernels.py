@@ -13,12 +13,14 @@ Without dropout (and always in eval mode) -- one base matmul, as LoRA:
               dyg = dy * g
               grad_x = dyg W + s (dyg B) A ;  grad_B = s dyg^T (x A^T) ;  grad_A = s (dyg B)^T x
 
-grad_g needs h. With a bias, h is kept; without one, the output y = g * h is kept instead
-and grad_g = sum_T(dy * y) / g, so h costs no memory beyond the output the caller holds
-anyway. That recovers h only where g is not zero (nor so small that g * h underflows), so
-the output is kept only when every |g| >= sqrt(tiny), tiny the dtype's smallest normal
-(``output_recovers_h``: y / g is then h to the dtype's precision, up to an absolute error
-below sqrt(tiny) * eps), and h otherwise.
+grad_g needs h. With a bias (or inside torch.compile), h is kept. Without one, the output
+y = g * h is kept instead and grad_g = sum_T(dy * y) / g, so h costs no memory beyond the
+output the caller holds anyway. y / g is h to the dtype's precision (up to an absolute error
+below sqrt(tiny) * eps, tiny the dtype's smallest normal) wherever |g| >= sqrt(tiny); where
+some |g| is smaller (a zero magnitude, say), backward recomputes h = x W^T + s (x A^T) B^T
+from the tensors it holds anyway, one extra matmul in that rare case only. Whether that case
+holds is decided on the device in forward and read on the host only in backward
+(``SmallMagnitudeFlag``), so forward never waits for the GPU.
 
 With dropout (paper-exact; x_d = drop(x) comes from the caller's dropout module, so its
 mask and backward stay the module's own):
@@ -139,15 +141,43 @@ def dora_linear_inference(x, weight, bias, lora_A, lora_B, scaling, g) -> torch.
         return scale_columns_(h, g, bias)
 
 
-def output_recovers_h(g: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether y = g * h in ``dtype`` gives h back as y / g (the module docstring).
+class SmallMagnitudeFlag:
+    """Whether some |g| < sqrt(tiny) of ``dtype`` (so y / g does not give h back): computed on the
+    device in forward, read on the host in backward only.
 
-    The check reads g (on a GPU, one host sync per call; only training forwards without a bias
-    make it). Inside torch.compile it is False: a traced graph cannot branch on values.
+    On CUDA the flag is copied without blocking into pinned host memory, with an event recorded
+    right after the copy on its stream; ``read`` waits for that event, i.e. only for the work
+    queued up to this layer's forward, long finished when its backward runs (``.item()`` in
+    forward would stall the queue once per layer). On other devices the flag is read directly.
     """
-    if torch.compiler.is_compiling():
-        return False
-    return bool((g.abs() >= torch.finfo(dtype).tiny ** 0.5).all())
+
+    __slots__ = ("_value", "_copied")
+
+    def __init__(self, g: torch.Tensor, dtype: torch.dtype):
+        small = (g.detach().abs() < torch.finfo(dtype).tiny ** 0.5).any()
+        self._copied = None
+        copy_to_host = _ASYNC_HOST_COPY.get(small.device.type)
+        if copy_to_host is not None:
+            small, self._copied = copy_to_host(small)
+        self._value = small
+
+    def read(self) -> bool:
+        if self._copied is not None:
+            self._copied.synchronize()
+        return bool(self._value)
+
+
+def _copy_to_host_async(flag: torch.Tensor):
+    """(pinned host copy of a CUDA scalar, the event that marks the copy done), without waiting."""
+    host = torch.empty((), dtype=flag.dtype, pin_memory=True)  # torch caches small pinned blocks
+    host.copy_(flag, non_blocking=True)  # on flag's device's current stream
+    copied = torch.cuda.Event()
+    copied.record(torch.cuda.current_stream(flag.device))
+    return host, copied
+
+
+# Devices whose flag is copied to the host without waiting: device type -> copy function
+_ASYNC_HOST_COPY = {"cuda": _copy_to_host_async}
 
 
 class DoraLinearFunction(torch.autograd.Function):
@@ -164,13 +194,14 @@ class DoraLinearFunction(torch.autograd.Function):
             a, b = lora_A.to(dtype), lora_B.to(dtype)
             xa = x2 @ a.t()
             h = h.addmm_(xa, b.t(), alpha=scaling)
-        # y = g * h (+ b); grad_g = sum_T(dy * h) reads h, or y = g * h where that gives h back
+        # y = g * h (+ b); grad_g = sum_T(dy * h) reads h, or y / g (the module docstring)
         need_g = ctx.needs_input_grad[5]
-        ctx.divide_by_g = False
-        if bias is None and (not need_g or output_recovers_h(g, dtype)):
+        ctx.small_g = None  # set when backward divides y by g, unless some |g| is too small
+        if bias is None and not (need_g and torch.compiler.is_compiling()):
             y = saved = scale_columns_(h, g)  # in place
-            ctx.divide_by_g = need_g
-        else:
+            if need_g:
+                ctx.small_g = SmallMagnitudeFlag(g, dtype)
+        else:  # y - b would round h away; a traced graph cannot branch on g: keep h
             y = scale_columns_(h, g, bias, out=torch.empty_like(h))
             saved = h
         ctx.scaling = scaling
@@ -188,8 +219,14 @@ class DoraLinearFunction(torch.autograd.Function):
         need_x, _, need_bias, need_A, need_B, need_g, _ = ctx.needs_input_grad
         has_lora = lora_A is not None
 
+        divide_by_g = ctx.small_g is not None
+        if divide_by_g and ctx.small_g.read():  # y / g would lose h: recompute h instead
+            saved = x2 @ weight.to(dtype).t()
+            if has_lora:
+                saved = saved.addmm_(xa, lora_B.to(dtype).t(), alpha=s)
+            divide_by_g = False
         # dyg = dy * g and grad_g = sum_T(dy * h) in one pass over [T, out]
-        dyg, _, grad_g = compose_backward(dy2, saved, g, divide_by_g=ctx.divide_by_g)
+        dyg, _, grad_g = compose_backward(dy2, saved, g, divide_by_g=divide_by_g)
         grad_g = grad_g.to(g.dtype) if need_g else None
         # grad_x = dyg W + s (dyg B) A ;  grad_B = s dyg^T (x A^T) ;  grad_A = s (dyg B)^T x
         grad_x = grad_A = grad_B = None

@@ -287,8 +287,9 @@ def compose_backward(
     """(dyg, dyg1, grad_g): dy * g, dy * g1 (None without g1), and sum_T(dy * saved).
 
     grad_g is accumulated in (at least) fp32 and divided by g when ``divide_by_g`` (the
-    saved tensor is y = g * h, which the caller saves only when no g is zero or tiny:
-    ``dora_kernels.output_recovers_h``). ``need_dyg=False`` skips dyg.
+    saved tensor is then y = g * h; the caller divides only where no |g| is too small for
+    that to give h back, and passes h itself otherwise: ``dora_kernels``'s module docstring).
+    ``need_dyg=False`` skips dyg.
     """
     if use_triton(dy) and dy.numel() > 0:
         result = _run_kernel("compose_backward", _compose_backward_triton, dy, saved, g, g1, divide_by_g, need_dyg)
@@ -339,7 +340,7 @@ def scale_columns_(
     # Mixed dtypes on purpose: torch then computes in the wider one (fp32 for a half-precision
     # h) and rounds once to h's dtype, as the kernel does. g is never rounded: 1 + 2^-9 does not
     # exist in bf16, so a rounded g would erase small magnitude updates, and y / g recovers h
-    # (dora_kernels.output_recovers_h) only from a once-rounded g * h. (On the CPU, torch
+    # (dora_kernels' no-bias backward) only from a once-rounded g * h. (On the CPU, torch
     # upcasts a half-precision h to a temporary for this; on CUDA it casts in registers.)
     y = h if out is None else out
     if bias is None:
