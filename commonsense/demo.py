@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     out = Path(args.output_dir)
 
     def run() -> int:
-        from commonsense.models import prepare_embedded_model
+        from commonsense.embedded_model import prepare_embedded_model
         from commonsense.report import build_report
 
         if args.fresh and out.exists():

@@ -850,7 +850,7 @@ def reproduce(args, command: str) -> dict:
         print("warning: --full on a machine without a GPU: this takes days", file=sys.stderr)
 
     if settings.base_model == BASE_MODEL:
-        from commonsense.models import prepare_embedded_model
+        from commonsense.embedded_model import prepare_embedded_model
 
         print(f"preparing the embedded model ({BASE_MODEL})", flush=True)
         prepare_embedded_model(BASE_MODEL)  # once, so no run's timing includes the conversion
