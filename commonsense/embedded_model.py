@@ -21,6 +21,7 @@ from typing import Callable
 logger = logging.getLogger(__name__)
 
 SMOLLM2_ALIAS = "smollm2-135m"
+SMOLLM2_NAME = "SmolLM2-135M"  # its name in evaluation files and tables (commonsense_evaluate.py --model)
 # Every spelling (compared case-insensitively) that means the embedded model.
 EMBEDDED_ALIASES = {
     "smollm2-135m": SMOLLM2_ALIAS,
