@@ -10,12 +10,12 @@ and 0.
   32 heads, vocab 32000) with ``--layers`` (default 4) decoder layers, random init, bf16.
 
 Each (implementation, dropout) runs in its own child process (both this repo's fork and
-HF peft import as ``peft``; see ``dora_layer.py``). The workers of one dropout value stay
+HF peft import as ``peft``; see ``harness.py``). The workers of one dropout value stay
 alive together and the parent times one step of each per round, rotating the order
 (ABAB...); the reported step time is the median over rounds. Adapter weights A, B are set
 identically in every implementation (seeded per module name); magnitudes start at ||W||.
 
-Peak memory: as ``dora_layer.py`` (CUDA: max_memory_allocated delta; CPU: the
+Peak memory: as ``harness.py`` measures it (CUDA: max_memory_allocated delta; CPU: the
 TorchDispatchMode live-storage counter), over one untimed step after warm-up, i.e. the
 bytes allocated during a step above what already exists (weights, AdamW state).
 
@@ -28,16 +28,14 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 import zlib
 from pathlib import Path
 
-from dora_layer import (
+from harness import (
     DEFAULT_RESULTS_DIR,
-    REPO_ROOT,
     Worker,
     check_peft_origin,
     machine_info,
@@ -45,6 +43,7 @@ from dora_layer import (
     run_interleaved,
     select_peft,
     worker_serve,
+    write_result,
 )
 
 IMPLEMENTATIONS = ["ours_dora", "ours_lora", "hf_dora", "hf_lora"]
@@ -57,7 +56,6 @@ def build_base_model(args):
     import torch
 
     if args.device == "cpu":
-        sys.path.append(str(REPO_ROOT))  # appended: never shadows the chosen peft
         from commonsense.models import load_base_model
 
         return load_base_model(args.model, device="cpu", dtype="float32"), torch.float32
@@ -268,9 +266,7 @@ def main(argv=None) -> None:
         "results": entries,
     }
     out_path = Path(args.out or DEFAULT_RESULTS_DIR / f"train_step_{args.device}.json")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out_path}")
+    write_result(out_path, result)
 
 
 if __name__ == "__main__":
