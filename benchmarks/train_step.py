@@ -34,17 +34,7 @@ import time
 import zlib
 from pathlib import Path
 
-from harness import (
-    DEFAULT_RESULTS_DIR,
-    Worker,
-    check_peft_origin,
-    machine_info,
-    measure_peak_bytes,
-    run_interleaved,
-    select_peft,
-    worker_serve,
-    write_result,
-)
+import harness
 
 IMPLEMENTATIONS = ["ours_dora", "ours_lora", "hf_dora", "hf_lora"]
 DEFAULT_IMPLEMENTATIONS = ["ours_dora", "ours_lora", "hf_dora"]
@@ -116,12 +106,12 @@ def set_shared_adapter_weights(adapters, seed):
 
 
 def step_worker(args) -> None:
-    select_peft(args.impl)
+    harness.select_peft(args.impl)
     import torch
 
     if args.device == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
-    peft_origin = check_peft_origin(args.impl)
+    peft_origin = harness.check_peft_origin(args.impl)
     model, dtype = build_base_model(args)
     peft_model, adapters = wrap_with_adapter(model, args.impl, args.rank, args.dropout)
     set_shared_adapter_weights(adapters, args.seed)
@@ -140,8 +130,8 @@ def step_worker(args) -> None:
 
     for _ in range(args.warmup):
         run_step()
-    peak_bytes = measure_peak_bytes(run_step, args.device)
-    worker_serve(
+    peak_bytes = harness.measure_peak_bytes(run_step, args.device)
+    harness.worker_serve(
         run_step,
         args.device,
         {
@@ -208,10 +198,10 @@ def main(argv=None) -> None:
         workers = []
         try:
             for implementation in args.impls:
-                workers.append(Worker(implementation, worker_argv(args, implementation, dropout)))
+                workers.append(harness.Worker(implementation, worker_argv(args, implementation, dropout)))
             for worker in workers:
                 worker.wait_ready()
-            seconds = run_interleaved(workers, args.repeats)
+            seconds = harness.run_interleaved(workers, args.repeats)
         finally:
             for worker in workers:
                 worker.close()
@@ -262,11 +252,11 @@ def main(argv=None) -> None:
         "repeats": args.repeats,
         "warmup": args.warmup,
         "order": "interleaved: each round times one step of every implementation, rotating order; medians",
-        "machine": machine_info(),
+        "machine": harness.machine_info(),
         "results": entries,
     }
-    out_path = Path(args.out or DEFAULT_RESULTS_DIR / f"train_step_{args.device}.json")
-    write_result(out_path, result)
+    out_path = Path(args.out or harness.DEFAULT_RESULTS_DIR / f"train_step_{args.device}.json")
+    harness.write_result(out_path, result)
 
 
 if __name__ == "__main__":
