@@ -19,10 +19,7 @@ small warm-up are excluded from the timings.
 Writes benchmarks/results/eval_speed_cpu.json (``--out``).
 """
 import argparse
-import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -45,17 +42,8 @@ from commonsense.evaluation import (  # noqa: E402
     score_row,
     score_row_loglik,
 )
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return platform.processor() or "unknown"
+from commonsense.machine import machine_info  # noqa: E402
+from harness import DEFAULT_RESULTS_DIR, write_result  # noqa: E402
 
 
 def run_generate(model, tokenizer, data, batch_size, settings):
@@ -90,7 +78,7 @@ def main(argv=None) -> int:
     parser.add_argument("--limit", type=int, default=16, help="first N rows of each task")
     parser.add_argument("--batch_size", type=int, default=8, help="batch size of (b), (c) and (d)")
     parser.add_argument("--dataset_dir", default=str(REPO_ROOT / "dataset"))
-    parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results" / "eval_speed_cpu.json"))
+    parser.add_argument("--out", default=str(DEFAULT_RESULTS_DIR / "eval_speed_cpu.json"))
     args = parser.parse_args(argv)
 
     tasks = resolve_task_names(args.tasks)
@@ -145,28 +133,23 @@ def main(argv=None) -> int:
           f"{diffs['c_vs_a_output_text']} generated-text differences")
     print(f"(b) vs (a): {diffs['b_vs_a_pred']} prediction differences; (d) vs (a): {diffs['d_vs_a_pred']}")
 
-    import transformers
-
+    machine = machine_info()
     report = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "base_model": args.base_model,
         "tasks": {t: len(r) for t, r in data.items()},
         "n_examples": n,
-        "hardware": {"nproc": os.cpu_count(), "cpu_model": cpu_model(), "torch_threads": torch.get_num_threads(),
+        "hardware": {"nproc": machine["cpu_count"], "cpu_model": machine["cpu"], "torch_threads": torch.get_num_threads(),
                      "device": str(next(model.parameters()).device), "dtype": str(next(model.parameters()).dtype),
                      "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__},
+        "versions": {key: machine[key] for key in ("python", "torch", "transformers")},
         "configs": {k: {**{f: v for f, v in r.items() if f != "preds"},
                         "speedup_vs_a": r["examples_per_s"] / base["examples_per_s"]} for k, r in results.items()},
         "differences": diffs,
         "predictions": {k: [results[k]["preds"][key]["pred"] for key in keys] for k in results},
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {out}")
+    write_result(args.out, report)
     return 0
 
 

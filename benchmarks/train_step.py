@@ -10,12 +10,12 @@ and 0.
   32 heads, vocab 32000) with ``--layers`` (default 4) decoder layers, random init, bf16.
 
 Each (implementation, dropout) runs in its own child process (both this repo's fork and
-HF peft import as ``peft``; see ``dora_layer.py``). The workers of one dropout value stay
+HF peft import as ``peft``; see ``harness.py``). The workers of one dropout value stay
 alive together and the parent times one step of each per round, rotating the order
 (ABAB...); the reported step time is the median over rounds. Adapter weights A, B are set
 identically in every implementation (seeded per module name); magnitudes start at ||W||.
 
-Peak memory: as ``dora_layer.py`` (CUDA: max_memory_allocated delta; CPU: the
+Peak memory: as ``harness.py`` measures it (CUDA: max_memory_allocated delta; CPU: the
 TorchDispatchMode live-storage counter), over one untimed step after warm-up, i.e. the
 bytes allocated during a step above what already exists (weights, AdamW state).
 
@@ -28,24 +28,13 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 import zlib
 from pathlib import Path
 
-from dora_layer import (
-    DEFAULT_RESULTS_DIR,
-    REPO_ROOT,
-    Worker,
-    check_peft_origin,
-    machine_info,
-    measure_peak_bytes,
-    run_interleaved,
-    select_peft,
-    worker_serve,
-)
+import harness
 
 IMPLEMENTATIONS = ["ours_dora", "ours_lora", "hf_dora", "hf_lora"]
 DEFAULT_IMPLEMENTATIONS = ["ours_dora", "ours_lora", "hf_dora"]
@@ -57,7 +46,6 @@ def build_base_model(args):
     import torch
 
     if args.device == "cpu":
-        sys.path.append(str(REPO_ROOT))  # appended: never shadows the chosen peft
         from commonsense.models import load_base_model
 
         return load_base_model(args.model, device="cpu", dtype="float32"), torch.float32
@@ -118,12 +106,12 @@ def set_shared_adapter_weights(adapters, seed):
 
 
 def step_worker(args) -> None:
-    select_peft(args.impl)
+    harness.select_peft(args.impl)
     import torch
 
     if args.device == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
-    peft_origin = check_peft_origin(args.impl)
+    peft_origin = harness.check_peft_origin(args.impl)
     model, dtype = build_base_model(args)
     peft_model, adapters = wrap_with_adapter(model, args.impl, args.rank, args.dropout)
     set_shared_adapter_weights(adapters, args.seed)
@@ -142,8 +130,8 @@ def step_worker(args) -> None:
 
     for _ in range(args.warmup):
         run_step()
-    peak_bytes = measure_peak_bytes(run_step, args.device)
-    worker_serve(
+    peak_bytes = harness.measure_peak_bytes(run_step, args.device)
+    harness.worker_serve(
         run_step,
         args.device,
         {
@@ -210,10 +198,10 @@ def main(argv=None) -> None:
         workers = []
         try:
             for implementation in args.impls:
-                workers.append(Worker(implementation, worker_argv(args, implementation, dropout)))
+                workers.append(harness.Worker(implementation, worker_argv(args, implementation, dropout)))
             for worker in workers:
                 worker.wait_ready()
-            seconds = run_interleaved(workers, args.repeats)
+            seconds = harness.run_interleaved(workers, args.repeats)
         finally:
             for worker in workers:
                 worker.close()
@@ -264,13 +252,11 @@ def main(argv=None) -> None:
         "repeats": args.repeats,
         "warmup": args.warmup,
         "order": "interleaved: each round times one step of every implementation, rotating order; medians",
-        "machine": machine_info(),
+        "machine": harness.machine_info(),
         "results": entries,
     }
-    out_path = Path(args.out or DEFAULT_RESULTS_DIR / f"train_step_{args.device}.json")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out_path}")
+    out_path = Path(args.out or harness.DEFAULT_RESULTS_DIR / f"train_step_{args.device}.json")
+    harness.write_result(out_path, result)
 
 
 if __name__ == "__main__":

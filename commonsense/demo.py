@@ -3,7 +3,8 @@
 1. convert the embedded SmolLM2 GGUF to a cached safetensors folder (once);
 2. evaluate the base model on a fixed slice (the first N rows) of each of the 8 test sets;
 3. DoRA fine-tune on a fixed slice of ``dataset/demo_train.json`` (the seed's targets,
-   q/k/v/up/down, and its cutoff 256);
+   q/k/v/up/down, cutoff and dropout from ``commonsense.recipe``; a higher lr and a smaller
+   batch than the seed's, so a few minutes of training show);
 4. evaluate the fine-tuned model on the same slices;
 5. print and write the results table (``results.md``, ``results.csv``, ``results.png``).
 
@@ -22,13 +23,14 @@ import sys
 import time
 from pathlib import Path
 
+from commonsense import recipe
 from commonsense.cli import add_repo_paths, run_or_exit
+from commonsense.embedded_model import SMOLLM2_ALIAS, SMOLLM2_NAME, prepare_embedded_model
 
 REPO_ROOT = Path(add_repo_paths())
-MODEL_NAME = "SmolLM2-135M"
-BASE_MODEL = "smollm2-135m"
+MODEL_NAME = SMOLLM2_NAME
+BASE_MODEL = SMOLLM2_ALIAS
 DEMO_TRAIN = REPO_ROOT / "dataset" / "demo_train.json"
-SEED_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -39,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num_epochs", type=float, default=1)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--lora_r", type=int, default=16)
-    parser.add_argument("--lora_alpha", type=int, default=32)
+    parser.add_argument("--lora_alpha", type=int, default=32, help="default 2r, as the seed")
     parser.add_argument("--micro_batch_size", type=int, default=4)
     parser.add_argument("--batch_size", type=int, default=8, help="training batch (gradient accumulation)")
     parser.add_argument("--eval_batch_size", type=int, default=8)
@@ -94,13 +96,13 @@ def fine_tune(args, out: Path) -> Path:
         micro_batch_size=args.micro_batch_size,
         num_epochs=args.num_epochs,
         learning_rate=args.learning_rate,
-        cutoff_len=256,
+        cutoff_len=recipe.CUTOFF_LEN,
         val_set_size=0,
         save_step=10_000,  # one save at the end: checkpoints cost time on a CPU
         lora_r=args.lora_r,
         lora_alpha=args.lora_alpha,
-        lora_dropout=0.05,
-        target_modules=SEED_TARGETS,
+        lora_dropout=recipe.LORA_DROPOUT,
+        target_modules=recipe.TARGET_MODULES,
         warmup_steps=3,
     )
     return adapter_dir
@@ -111,7 +113,6 @@ def main(argv=None) -> int:
     out = Path(args.output_dir)
 
     def run() -> int:
-        from commonsense.models import prepare_embedded_model
         from commonsense.report import build_report
 
         if args.fresh and out.exists():

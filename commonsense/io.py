@@ -2,30 +2,34 @@
 
 Final files are written to a temporary sibling, fsynced and renamed over the
 target, so a reader (or a rerun after a crash) sees the old file or the new one,
-never half of one. Progress logs are JSON-lines files appended and fsynced per
-batch, so at most the batch in flight is lost.
-
-Kept free of the peft fork on purpose: `commonsense` must not depend on peft
-internals.
+never half of one: the fork's helper (``peft.utils.io``), the project's only one.
+Progress logs are JSON-lines files appended and fsynced per batch, so at most the
+batch in flight is lost.
 """
 import contextlib
+import functools
 import json
 import os
 import signal
-import tempfile
 from pathlib import Path
 
 TEST_KILL_ENV = "DORA_TEST_KILL_AT"
 
 
-def _fsync_dir(directory: Path) -> None:
-    # A rename is durable only once the directory entry reaches the disk (POSIX).
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+@functools.lru_cache(maxsize=None)
+def _fork_io():
+    """The fork's ``peft.utils.io``, imported on the first write.
+
+    Importing the fork loads torch (about 1.5 s), which the light CLIs (``commonsense.data``,
+    ``commonsense.report``) should pay only when they write; the fork comes first on
+    ``sys.path`` so a pip-installed HF peft is never picked instead.
+    """
+    from commonsense.cli import add_repo_paths
+
+    add_repo_paths()
+    from peft.utils import io
+
+    return io
 
 
 def fsync_files(directory) -> None:
@@ -34,34 +38,17 @@ def fsync_files(directory) -> None:
         if entry.is_file(follow_symlinks=False):
             with open(entry.path, "rb") as f:
                 os.fsync(f.fileno())
-    _fsync_dir(Path(directory))
+    _fork_io().fsync_dir(directory)
 
 
 def atomic_write_bytes(path, data: bytes) -> None:
-    """Write `data` to `path` atomically (temp file + fsync + os.replace)."""
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # mkstemp creates 0600 files; give the result the mode a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_name, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp_name)
-        raise
-    _fsync_dir(directory)
+    """Write `data` to `path` atomically (temp file + fsync + os.replace); the folder must exist."""
+    _fork_io().atomic_write_bytes(path, data)
 
 
 def atomic_write_text(path, text: str) -> None:
     """Write UTF-8 `text` to `path` atomically."""
-    atomic_write_bytes(path, text.encode("utf-8"))
+    _fork_io().atomic_write_text(path, text)
 
 
 def atomic_write_json(path, value, indent=4) -> None:

