@@ -72,7 +72,8 @@ def parse_args(argv=None):
 def validate_inputs(args):
     """Check everything possible before loading a model; return (adapter, task names)."""
     from commonsense.data import load_rows
-    from commonsense.evaluation import check_adapter_args, dataset_file, resolve_task_names
+    from commonsense.eval_model import check_adapter_args
+    from commonsense.evaluation import dataset_file, resolve_task_names
     from commonsense.io import check_writable_dir
 
     tasks = resolve_task_names(args.dataset)
@@ -95,7 +96,9 @@ def print_table(summaries):
 
 
 def run(args):
-    from commonsense.evaluation import GenerationSettings, RunInfo, evaluate_tasks, load_model_for_eval
+    from commonsense.eval_model import load_model_for_eval
+    from commonsense.evaluation import RunInfo, evaluate_tasks
+    from commonsense.generation import GenerationSettings
     from commonsense.report import build_report
 
     adapter, tasks = validate_inputs(args)

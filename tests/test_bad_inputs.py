@@ -312,9 +312,9 @@ def test_the_suite_covers_every_cli_as_a_subprocess():
 # --------------------------------------------------------------------------- security
 
 def test_trust_remote_code_is_off_by_default():
-    from commonsense import evaluation, models, training
+    from commonsense import eval_model, models, training
 
-    for function in (training.train, evaluation.load_model_for_eval, models.load_base_model, models.load_tokenizer):
+    for function in (training.train, eval_model.load_model_for_eval, models.load_base_model, models.load_tokenizer):
         assert inspect.signature(function).parameters["trust_remote_code"].default is False, function
 
 

@@ -8,19 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from commonsense import evaluation
-from commonsense.evaluation import (
-    GenerationSettings,
-    RunInfo,
-    evaluate_task,
-    evaluate_tasks,
-    generate_responses,
-    load_model_for_eval,
-    partial_path,
-    resolve_task_names,
-    result_path,
-    summary_path,
-)
+from commonsense import evaluation, generation
+from commonsense.eval_log import partial_path
+from commonsense.eval_model import EvaluationError, check_adapter_folder, load_model_for_eval, normalize_adapter
+from commonsense.evaluation import RunInfo, evaluate_task, evaluate_tasks, resolve_task_names, result_path, summary_path
+from commonsense.generation import GenerationSettings, generate_responses
+from commonsense.prompts import evaluation_prompt
 
 from tiny_models import build_tiny_llama
 
@@ -80,8 +73,8 @@ def test_batched_generation_matches_batch_of_one(tiny):
 def test_no_eos_stop_generates_full_length(tiny):
     model, tokenizer = tiny
     settings = GenerationSettings(stop_at_eos=False, max_new_tokens=5)
-    encoded = tokenizer([evaluation.evaluation_prompt(INSTRUCTIONS[1])], return_tensors="pt")
-    config = evaluation.build_generation_config(model, tokenizer, settings)
+    encoded = tokenizer([evaluation_prompt(INSTRUCTIONS[1])], return_tensors="pt")
+    config = generation.build_generation_config(model, tokenizer, settings)
     with torch.no_grad():
         out = model.generate(**encoded, generation_config=config)
     assert out.shape[1] == encoded["input_ids"].shape[1] + 5
@@ -155,9 +148,9 @@ def test_limit_keeps_first_rows(monkeypatch, tmp_path, capsys):
 
 
 def test_bad_batch_size_or_limit(tmp_path):
-    with pytest.raises(evaluation.EvaluationError):
+    with pytest.raises(EvaluationError):
         evaluate_task(None, None, "boolq", boolq_rows(2), 0, tmp_path / "x.json")
-    with pytest.raises(evaluation.EvaluationError):
+    with pytest.raises(EvaluationError):
         evaluate_task(None, None, "boolq", boolq_rows(2), 1, tmp_path / "x.json", limit=0)
     assert not list(tmp_path.iterdir())
 
@@ -233,7 +226,7 @@ def test_evaluate_tasks_one_model_several_files(monkeypatch, tmp_path):
 def test_resolve_task_names():
     assert resolve_task_names("all") == list(evaluation.TASK_NAMES)
     assert resolve_task_names("boolq, arc-easy,boolq") == ["boolq", "ARC-Easy"]
-    with pytest.raises(evaluation.EvaluationError, match="unknown dataset 'nope'"):
+    with pytest.raises(EvaluationError, match="unknown dataset 'nope'"):
         resolve_task_names("boolq,nope")
 
 
@@ -411,7 +404,7 @@ def test_lora_weights_may_be_a_hub_repo_id(tiny_dir, tmp_path, monkeypatch):
         return str(snapshot)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    folder = evaluation.check_adapter_folder("some-org/dora-adapter")
+    folder = check_adapter_folder("some-org/dora-adapter")
     assert (folder / "adapter_config.json").is_file()
     assert asked[0] == ("some-org/dora-adapter", ("adapter_config.json", "adapter_model.safetensors",
                                                    "adapter_model.bin"))
@@ -436,6 +429,6 @@ def test_lora_weights_hub_id_offline_is_one_error_line(tmp_path):
 
 
 def test_the_originals_bottleneck_adapter_names_are_refused_with_the_reason():
-    with pytest.raises(evaluation.EvaluationError, match="bottleneck adapters, which are not carried"):
-        evaluation.normalize_adapter("AdapterH")
-    assert evaluation.normalize_adapter("dora") == "DoRA"
+    with pytest.raises(EvaluationError, match="bottleneck adapters, which are not carried"):
+        normalize_adapter("AdapterH")
+    assert normalize_adapter("dora") == "DoRA"

@@ -119,7 +119,7 @@ def test_ft_errors_are_one_line(work, tmp_path, extra, message):
 
 
 def test_lora_weights_with_ft_is_refused():
-    from commonsense.evaluation import EvaluationError, check_adapter_args
+    from commonsense.eval_model import EvaluationError, check_adapter_args
 
     with pytest.raises(EvaluationError, match="a fully fine-tuned model is the --base_model folder"):
         check_adapter_args("FT", "some/folder")

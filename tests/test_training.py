@@ -8,13 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from commonsense.training import (
-    FinetuneError,
-    build_datasets,
-    check_batch_sizes,
-    parse_module_list,
-    tokenize_row,
-)
+from commonsense.train_options import FinetuneError, check_batch_sizes, parse_module_list
+from commonsense.training import build_datasets, tokenize_row
 from tiny_models import build_tiny_llama
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
