@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from commonsense.model_folder import check_model_folder
 from commonsense.models import configure_padding, load_base_model, load_tokenizer
 
 # FT: a fully fine-tuned model (finetune.py --adapter_name ft), given as --base_model; no adapter.
@@ -96,6 +97,7 @@ def load_model_for_eval(
     With `load_8bit` / `load_4bit` the adapter is kept unmerged: quantized weights cannot absorb it.
     """
     adapter = check_adapter_args(adapter, lora_weights)
+    check_model_folder(base_model)
     tokenizer = load_tokenizer(base_model, trust_remote_code=trust_remote_code, padding_side="left")
     model = load_base_model(
         base_model,

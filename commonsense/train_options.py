@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import List, Optional, Sequence, Union
 
 from .io import check_writable_dir
@@ -12,9 +13,11 @@ class FinetuneError(ValueError):
 
 
 def parse_module_list(value) -> Optional[Union[List[str], str]]:
-    """target_modules as the scripts pass it: a list, a JSON list string, or "a,b,c".
+    """target_modules as the scripts pass it: a list, a JSON list string, "a,b,c" or one name.
 
-    Any other string is kept as a regular expression (full match), as in the fork.
+    Any other string is kept as a regular expression (full match), as in the fork. One plain
+    name ("q_proj") is a list of one: as a regular expression it would have to match the
+    module's whole dotted path, and so would match nothing.
     """
     if value is None or value == "" or value == []:
         return None
@@ -29,7 +32,7 @@ def parse_module_list(value) -> Optional[Union[List[str], str]]:
         if not all(isinstance(v, str) for v in parsed):
             raise FinetuneError(f"module list {text!r} must hold names (strings)")
         return parsed
-    if "," in text and all(part.strip().replace("_", "").replace(".", "").isalnum() for part in text.split(",")):
+    if all(part.strip().replace("_", "").replace(".", "").isalnum() for part in text.split(",")):
         return [part.strip() for part in text.split(",") if part.strip()]
     return text
 
@@ -37,8 +40,11 @@ def parse_module_list(value) -> Optional[Union[List[str], str]]:
 def check_batch_sizes(batch_size: int, micro_batch_size: int, world_size: int) -> int:
     """The gradient-accumulation steps that keep the global batch equal to ``batch_size``."""
     for name, value in (("batch_size", batch_size), ("micro_batch_size", micro_batch_size)):
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        if not _is_int(value) or value <= 0:
             raise FinetuneError(f"{name} must be a positive integer, got {value!r}")
+    if micro_batch_size > batch_size:
+        raise FinetuneError(f"micro_batch_size {micro_batch_size} is larger than batch_size {batch_size} "
+                            "(batch_size is the global batch, micro_batch_size its per-step part)")
     if batch_size % micro_batch_size:
         raise FinetuneError(f"batch_size {batch_size} is not a multiple of micro_batch_size {micro_batch_size}")
     steps = batch_size // micro_batch_size
@@ -48,6 +54,47 @@ def check_batch_sizes(batch_size: int, micro_batch_size: int, world_size: int) -
             f"cannot be split evenly over {world_size} processes"
         )
     return steps // world_size
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite_number(value) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+# Counts that must be at least 1 (0 would mean: never log, never save, never evaluate, or cut
+# every prompt), and counts where 0 is a real choice (no validation set, no warmup).
+POSITIVE_COUNTS = ("cutoff_len", "eval_step", "save_step", "logging_steps", "save_total_limit")
+NON_NEGATIVE_COUNTS = ("val_set_size", "warmup_steps", "seed")
+
+
+def check_counts_and_rates(options: dict) -> None:
+    """Refuse, before any loading, every count, size and rate that makes no sense.
+
+    ``options`` maps train()'s parameter names to their values; fire passes what it cannot
+    read as a number (``nan``, ``1e-4x``) as a string, so the types are checked too. Without
+    this, num_epochs 0 or learning_rate 0 trains nothing and still saves an adapter.
+    """
+    for name in POSITIVE_COUNTS + NON_NEGATIVE_COUNTS:
+        value, least = options[name], 1 if name in POSITIVE_COUNTS else 0
+        if not _is_int(value) or value < least:
+            kind = "a positive integer" if least else "an integer >= 0"
+            raise FinetuneError(f"{name} must be {kind}, got {value!r}")
+    if not _is_finite_number(options["num_epochs"]) or options["num_epochs"] <= 0:
+        raise FinetuneError(f"num_epochs must be a positive number, got {options['num_epochs']!r}")
+    if not _is_int(options["max_steps"]) or not (options["max_steps"] > 0 or options["max_steps"] == -1):
+        raise FinetuneError(f"max_steps must be a positive integer, or -1 to train num_epochs epochs, "
+                            f"got {options['max_steps']!r}")
+    if not _is_finite_number(options["learning_rate"]) or options["learning_rate"] <= 0:
+        raise FinetuneError(f"learning_rate must be a positive number, got {options['learning_rate']!r}")
+    if not _is_finite_number(options["weight_decay"]) or options["weight_decay"] < 0:
+        raise FinetuneError(f"weight_decay must be a number >= 0, got {options['weight_decay']!r}")
+    if options["val_set_size"] > 0 and options["save_step"] % options["eval_step"]:
+        # The best checkpoint is picked among the evaluated ones: each save must follow an evaluation.
+        raise FinetuneError(f"save_step {options['save_step']} must be a multiple of eval_step "
+                            f"{options['eval_step']} when there is a validation set (val_set_size > 0)")
 
 
 # Flags of the original finetune.py that this one does not take, and why (checked before any

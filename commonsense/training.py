@@ -25,7 +25,14 @@ from .full_finetune import write_marker as write_full_finetune_marker
 from .io import atomic_write_json
 from .models import configure_padding, cuda_bf16_supported, load_base_model, load_tokenizer, pick_device
 from .prompts import training_prompt, user_prompt
-from .train_options import FinetuneError, check_batch_sizes, check_output_dir, parse_module_list
+from .model_folder import check_model_folder
+from .train_options import (
+    FinetuneError,
+    check_batch_sizes,
+    check_counts_and_rates,
+    check_output_dir,
+    parse_module_list,
+)
 from .trainer import adapter_trainer_class
 
 
@@ -53,8 +60,6 @@ def build_datasets(rows, tokenizer, cutoff_len: int, train_on_inputs: bool, val_
     """Seeded train/validation split (as the original), then tokenization."""
     from datasets import Dataset
 
-    if val_set_size < 0:
-        raise FinetuneError(f"val_set_size must be >= 0, got {val_set_size}")
     if val_set_size >= len(rows):
         raise FinetuneError(f"val_set_size {val_set_size} leaves no training rows (the data has {len(rows)})")
     data = Dataset.from_list([{"instruction": r["instruction"], "input": r["input"], "output": r["output"]} for r in rows])
@@ -145,11 +150,10 @@ def train(
             "finetune.py also had LLM-Adapters' bottleneck and prefix-tuning adapters; the DoRA paper compares "
             "FT, LoRA and DoRA, so only those are carried)"
         )
+    check_counts_and_rates(locals())
     processes = world_size()
     ddp = processes != 1
     accumulation_steps = check_batch_sizes(batch_size, micro_batch_size, processes)
-    if cutoff_len <= 0:
-        raise FinetuneError(f"cutoff_len must be positive, got {cutoff_len}")
     adapter_config_cls = DoraConfig if adapter == "dora" else LoraConfig
     adapter_kwargs = dict(
         r=lora_r,
@@ -171,6 +175,7 @@ def train(
         peft_config = adapter_config_cls(**adapter_kwargs)  # validates r, alpha, dropout before any loading
     check_output_dir(output_dir)
     rows = load_training_rows(data_path)
+    check_model_folder(base_model)
     warm_start = None if full_model else adapter_warm_start(resume_from_checkpoint)
     resume = None if warm_start else resolve_resume(resume_from_checkpoint, output_dir)
     if warm_start:
@@ -190,6 +195,10 @@ def train(
             + "\n".join(f"  {k}: {v}" for k, v in locals_summary(locals()).items())
         )
     set_seed(seed)
+    # Tokenizer and data before the model: a bad tokenizer, cutoff_len or val_set_size fails in
+    # seconds, not after minutes of loading the base weights.
+    tokenizer = load_tokenizer(base_model, trust_remote_code=trust_remote_code, padding_side="left")
+    train_data, val_data = build_datasets(rows, tokenizer, cutoff_len, train_on_inputs, val_set_size, seed)
     device = pick_device()
     cuda = device == "cuda"
     fsdp = check_fsdp_setup(cuda, quantized=load_8bit or load_4bit)
@@ -203,7 +212,6 @@ def train(
         trust_remote_code=trust_remote_code,
         device_map=device_map,
     )
-    tokenizer = load_tokenizer(base_model, trust_remote_code=trust_remote_code, padding_side="left")
     configure_padding(tokenizer, model)
     model = prepare_model_for_int8_training(model, use_gradient_checkpointing=use_gradient_checkpointing)
     if full_model:
@@ -219,7 +227,6 @@ def train(
         if is_main_process():
             model.print_trainable_parameters()
 
-    train_data, val_data = build_datasets(rows, tokenizer, cutoff_len, train_on_inputs, val_set_size, seed)
     args = TrainingArguments(
         output_dir=output_dir,
         per_device_train_batch_size=micro_batch_size,
