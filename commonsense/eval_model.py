@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from commonsense.model_folder import check_model_folder
-from commonsense.models import configure_padding, load_base_model, load_tokenizer
+from commonsense.models import configure_padding, load_base_model, load_tokenizer, quantization_config
 
 # FT: a fully fine-tuned model (finetune.py --adapter_name ft), given as --base_model; no adapter.
 ADAPTERS = ("LoRA", "DoRA", "FT", "none")
@@ -98,6 +98,8 @@ def load_model_for_eval(
     """
     adapter = check_adapter_args(adapter, lora_weights)
     check_model_folder(base_model)
+    if load_8bit or load_4bit:
+        quantization_config(load_8bit, load_4bit, torch.float32)  # both flags, or no bitsandbytes: said now
     tokenizer = load_tokenizer(base_model, trust_remote_code=trust_remote_code, padding_side="left")
     model = load_base_model(
         base_model,

@@ -23,7 +23,14 @@ from .full_finetune import FT, print_trainable, select_trainable
 from .full_finetune import check_options as check_full_finetune_options
 from .full_finetune import write_marker as write_full_finetune_marker
 from .io import atomic_write_json
-from .models import configure_padding, cuda_bf16_supported, load_base_model, load_tokenizer, pick_device
+from .models import (
+    configure_padding,
+    cuda_bf16_supported,
+    load_base_model,
+    load_tokenizer,
+    pick_device,
+    quantization_config,
+)
 from .prompts import training_prompt, user_prompt
 from .model_folder import check_model_folder
 from .train_options import (
@@ -176,6 +183,8 @@ def train(
     check_output_dir(output_dir)
     rows = load_training_rows(data_path)
     check_model_folder(base_model)
+    if load_8bit or load_4bit:
+        quantization_config(load_8bit, load_4bit, torch.float32)  # both flags, or no bitsandbytes: said now
     warm_start = None if full_model else adapter_warm_start(resume_from_checkpoint)
     resume = None if warm_start else resolve_resume(resume_from_checkpoint, output_dir)
     if warm_start:

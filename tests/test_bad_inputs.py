@@ -166,7 +166,7 @@ OFFLINE = {"HF_HUB_OFFLINE": "1"}
 class Case:
     id: str
     cli: str  # finetune | evaluate | data
-    options: Callable  # (inputs, out) -> {flag: value} over the CLI's defaults (None drops one; data: an argv list)
+    options: Callable  # (inputs, out) -> {flag: value} over the CLI's defaults (data: an argv list)
     message: str  # a fragment the error line must contain
     loads_model: bool = False  # the error can only show once the base weights are loaded
     subprocess: bool = False  # run as a real subprocess (always with BAD_INPUTS_ALL_SUBPROCESS=1)
@@ -224,6 +224,8 @@ CASES = [
     Case("evaluate limit 0", "evaluate", lambda i, o: {"limit": "0"}, "argument --limit: expected a positive integer"),
     Case("evaluate unknown model name", "evaluate", lambda i, o: {"model": "GPT-2"},
          "argument --model: invalid choice: 'GPT-2'"),
+    Case("evaluate 8-bit and 4-bit at once", "evaluate", lambda i, o: {"load_8bit": True, "load_4bit": True},
+         "choose one of --load_8bit and --load_4bit"),
     # training options: flags, adapters, counts, sizes and rates that make no sense
     ft({"lora_target_modules": "3"}, "--lora_target_modules: the original accepted it but never read it"),
     ft({"bottleneck_size": "3"}, "--bottleneck_size: an option of LLM-Adapters' bottleneck adapter"),
@@ -258,6 +260,7 @@ CASES = [
     ft({"logging_steps": "0"}, "logging_steps must be a positive integer, got 0"),
     ft({"warmup_steps": "-1"}, "warmup_steps must be an integer >= 0, got -1"),
     ft({"save_total_limit": "0"}, "save_total_limit must be a positive integer, got 0"),
+    ft({"load_8bit": "True", "load_4bit": "True"}, "choose one of --load_8bit and --load_4bit"),
     ft({"adapter_name": "ft", "load_8bit": "True"}, "cannot be 8-bit/4-bit"),
     ft({"adapter_name": "ft", "Wdecompose_target_modules": "o_proj"}, "is a DoRA option"),
     ft({"adapter_name": "ft", "target_modules": "nothing_here"}, "matches no decoder linear layer", loads_model=True),
@@ -305,7 +308,10 @@ def command_line(case: Case, inputs: Inputs, out: dict) -> list:
         options = {**EVALUATE_DEFAULTS, "base_model": inputs.tiny, "lora_weights": inputs.adapter,
                    "output_dir": out["dir"]}
     options.update(case.options(inputs, out))
-    return [str(part) for flag, value in options.items() if value is not None for part in (f"--{flag}", value)]
+    argv = []
+    for flag, value in options.items():  # None: the flag left out; True: a switch without a value
+        argv += [] if value is None else [f"--{flag}"] if value is True else [f"--{flag}", str(value)]
+    return argv
 
 
 def run_subprocess(case: Case, argv: list, cwd: Path, env: dict):
