@@ -12,14 +12,14 @@ model, --limit N evaluates the first N rows, an interrupted run resumes, and
 --mode loglik ranks the answer continuations by log-likelihood instead of
 generating (files end in -loglik.json; --mode generate, the original, is the default).
 
-Bad input prints one "error: ..." line to stderr and exits with status 2
-(status 1 for unexpected failures); --debug shows the traceback instead.
+Bad input prints one "error: ..." line to stderr and exits with status 2; --debug shows the
+traceback instead (commonsense/cli.py lists the exit codes).
 """
 import argparse
 import sys
 from pathlib import Path
 
-from commonsense.cli import OneLineErrorParser, add_repo_paths
+from commonsense.cli import OneLineErrorParser, add_repo_paths, run_or_exit
 
 REPO_ROOT = Path(add_repo_paths())  # the vendored PEFT fork must shadow any pip-installed peft
 
@@ -72,7 +72,8 @@ def parse_args(argv=None):
 def validate_inputs(args):
     """Check everything possible before loading a model; return (adapter, task names)."""
     from commonsense.data import load_rows
-    from commonsense.evaluation import check_adapter_args, dataset_file, resolve_task_names
+    from commonsense.eval_model import check_adapter_args
+    from commonsense.evaluation import dataset_file, resolve_task_names
     from commonsense.io import check_writable_dir
 
     tasks = resolve_task_names(args.dataset)
@@ -95,7 +96,9 @@ def print_table(summaries):
 
 
 def run(args):
-    from commonsense.evaluation import GenerationSettings, RunInfo, evaluate_tasks, load_model_for_eval
+    from commonsense.eval_model import load_model_for_eval
+    from commonsense.evaluation import RunInfo, evaluate_tasks
+    from commonsense.generation import GenerationSettings
     from commonsense.report import build_report
 
     adapter, tasks = validate_inputs(args)
@@ -121,21 +124,7 @@ def run(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.debug:
-        return run(args)
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        print("error: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
-    except ValueError as err:  # DataError, ModelLoadError, EvaluationError, peft's adapter errors
-        print(f"error: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}",
-              file=sys.stderr)
-        return 2
-    except Exception as err:  # noqa: BLE001 - one line for the user, --debug for the traceback
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        print(f"error: {type(err).__name__}: {detail} (rerun with --debug for the traceback)", file=sys.stderr)
-        return 1
+    return run_or_exit(lambda: run(args), debug=args.debug, resume_hint="rerun the same command to resume")
 
 
 if __name__ == "__main__":

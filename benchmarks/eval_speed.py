@@ -32,16 +32,10 @@ sys.path.insert(1, str(REPO_ROOT))
 import torch  # noqa: E402
 
 from commonsense.data import load_rows  # noqa: E402
-from commonsense.evaluation import (  # noqa: E402
-    GenerationSettings,
-    dataset_file,
-    generate_responses,
-    load_model_for_eval,
-    resolve_task_names,
-    score_choices,
-    score_row,
-    score_row_loglik,
-)
+from commonsense.eval_model import load_model_for_eval  # noqa: E402
+from commonsense.evaluation import dataset_file, resolve_task_names  # noqa: E402
+from commonsense.generation import GenerationSettings, generate_responses, score_row  # noqa: E402
+from commonsense.loglik import score_choices, score_row_loglik  # noqa: E402
 from commonsense.machine import machine_info  # noqa: E402
 from harness import DEFAULT_RESULTS_DIR, write_result  # noqa: E402
 

@@ -1,4 +1,19 @@
-"""Shared entry-point behaviour: user mistakes become one ``error:`` line and exit code 2."""
+"""What every command line does on the way out: one path, the same exit codes everywhere.
+
+Every CLI (finetune.py, commonsense_evaluate.py, convert_adapter.py, download_dora_weights.py,
+analyze_decomposition.py, python -m commonsense.reproduce / demo / data / report) parses its
+options with :class:`OneLineErrorParser` and runs its work through :func:`run_or_exit`:
+
+* 0   - done;
+* 2   - the input is wrong (an option, a count, a file, a folder, an adapter, a model folder):
+  one ``error: ...`` line on stderr holding the whole message, and nothing written. argparse's
+  usage errors exit 2 too, so a misspelt flag and a nonsensical value read the same;
+* 130 - interrupted (Ctrl-C): one ``error: interrupted`` line saying how to continue;
+* 1   - anything else is a bug or an unexpected failure: Python's traceback, as is, since that
+  is what a bug report needs.
+
+``--debug`` turns the one-line errors back into tracebacks.
+"""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +24,8 @@ from typing import Callable, TypeVar
 
 T = TypeVar("T")
 
-EXIT_USER_ERROR = 2
+EXIT_USER_ERROR = 2  # as argparse's usage errors
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 
 
 def add_repo_paths() -> str:
@@ -47,8 +63,12 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 
 def user_error_types() -> tuple:
-    """Exceptions that mean "the input is wrong" rather than "the program is wrong"."""
-    return (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+    """Exceptions that mean "the input or the machine is wrong" rather than "the program is wrong".
+
+    ValueError covers this project's own errors (DataError, ModelLoadError, FinetuneError,
+    EvaluationError...); OSError a missing or unwritable path, a full disk.
+    """
+    return (ValueError, OSError)
 
 
 def close_progress_bars() -> None:
@@ -59,10 +79,20 @@ def close_progress_bars() -> None:
             bar.close()
 
 
-def run_or_exit(main: Callable[[], T], debug: bool = False) -> T:
-    """Run ``main``; on a user error print one line to stderr and exit 2 (traceback with debug)."""
+def run_or_exit(main: Callable[[], T], debug: bool = False, resume_hint: str = "") -> T:
+    """Run ``main``; a user error is one stderr line and exit 2, Ctrl-C one line and exit 130.
+
+    The whole message goes on the line: an upstream message of several lines is joined, not
+    cut at its first. ``resume_hint`` says how to continue after an interrupt.
+    """
     try:
         return main()
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        close_progress_bars()
+        print("error: interrupted" + (f"; {resume_hint}" if resume_hint else ""), file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     except user_error_types() as err:
         if debug:
             raise

@@ -19,7 +19,7 @@ import random
 import sys
 from pathlib import Path
 
-from commonsense.cli import OneLineErrorParser
+from commonsense.cli import OneLineErrorParser, run_or_exit
 from commonsense.io import atomic_write_json
 from commonsense.tasks import TASK_NAMES, get_task
 
@@ -231,7 +231,8 @@ def _make_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = _make_parser().parse_args(argv)
-    try:
+
+    def run() -> int:
         if args.command == "validate":
             rows = load_rows(args.file, task=args.task)
             suffix = f" (answers are {args.task} labels)" if args.task else ""
@@ -242,11 +243,9 @@ def main(argv=None) -> int:
         else:  # demo-slice: a build with a small fixed per-task sample
             build_mix(_resolve_source(args.source), args.out,
                       limit_per_task=args.per_task, seed=args.seed)
-    except (ValueError, OSError) as exc:  # DataError, unknown task names, I/O failures
-        message = " ".join(str(exc).split())  # keep it to one line
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return run_or_exit(run)
 
 
 if __name__ == "__main__":

@@ -157,7 +157,7 @@ def run_steps(folder) -> Tuple[str, List[Step]]:
     folder = Path(folder)
     if not folder.is_dir():
         raise DecompositionError(f"run folder not found: {folder}")
-    from .training import checkpoint_step
+    from .checkpoints import checkpoint_step
 
     found = []  # (step, method)
     for child in folder.iterdir():

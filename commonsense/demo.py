@@ -55,7 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def evaluate(run_adapter: str, lora_weights, args, out: Path) -> list:
-    from commonsense.evaluation import GenerationSettings, RunInfo, evaluate_tasks, load_model_for_eval
+    from commonsense.eval_model import load_model_for_eval
+    from commonsense.evaluation import RunInfo, evaluate_tasks
+    from commonsense.generation import GenerationSettings
     from commonsense.tasks import TASK_NAMES
 
     model, tokenizer = load_model_for_eval(BASE_MODEL, lora_weights=lora_weights, adapter=run_adapter)

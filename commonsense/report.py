@@ -21,7 +21,6 @@ All three are written atomically. CLI (from the repository root):
 
     python -m commonsense.report [--experiment_dir experiment] [--out_dir experiment]
 """
-import argparse
 import csv
 import io
 import json
@@ -30,6 +29,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from commonsense.cli import OneLineErrorParser, run_or_exit
 from commonsense.io import atomic_write_bytes, atomic_write_text
 from commonsense.tasks import TASKS
 
@@ -293,19 +293,19 @@ def build_report(experiment_dir="experiment", out_dir=None) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m commonsense.report", description=__doc__.splitlines()[0])
+    parser = OneLineErrorParser(prog="python -m commonsense.report", description=__doc__.splitlines()[0])
     parser.add_argument("--experiment_dir", default="experiment")
     parser.add_argument("--out_dir", default=None, help="default: the experiment folder")
     args = parser.parse_args(argv)
-    try:
+
+    def run() -> int:
         paths = build_report(args.experiment_dir, args.out_dir)
-    except (ReportError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(paths["markdown"].read_text(encoding="utf-8"), end="")
-    for path in paths.values():
-        print(f"wrote {path}")
-    return 0
+        print(paths["markdown"].read_text(encoding="utf-8"), end="")
+        for path in paths.values():
+            print(f"wrote {path}")
+        return 0
+
+    return run_or_exit(run)
 
 
 if __name__ == "__main__":

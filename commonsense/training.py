@@ -10,73 +10,37 @@ under DDP so the global batch stays ``batch_size``.
 """
 from __future__ import annotations
 
-import json
 import os
-import re
 import time
-from typing import List, Optional, Tuple, Union
+from typing import Tuple
 
 import torch
 
+from .checkpoints import adapter_warm_start, resolve_resume
 from .data import load_training_rows
-from .distributed import (
-    check_fsdp_setup,
-    fsdp_save_optimizer_and_scheduler,
-    is_main_process,
-    load_adapter,
-    save_adapter,
-    world_size,
-)
+from .distributed import check_fsdp_setup, is_main_process, load_adapter, world_size
 from .full_finetune import FT, print_trainable, select_trainable
 from .full_finetune import check_options as check_full_finetune_options
 from .full_finetune import write_marker as write_full_finetune_marker
-from .io import atomic_write_json, check_writable_dir, fsync_files, kill_point
-from .models import configure_padding, cuda_bf16_supported, load_base_model, load_tokenizer, pick_device
+from .io import atomic_write_json
+from .models import (
+    configure_padding,
+    cuda_bf16_supported,
+    load_base_model,
+    load_tokenizer,
+    pick_device,
+    quantization_config,
+)
 from .prompts import training_prompt, user_prompt
-
-
-class FinetuneError(ValueError):
-    """A training option or combination of options that cannot work."""
-
-
-# ---- options ------------------------------------------------------------------------------
-def parse_module_list(value) -> Optional[Union[List[str], str]]:
-    """target_modules as the scripts pass it: a list, a JSON list string, or "a,b,c".
-
-    Any other string is kept as a regular expression (full match), as in the fork.
-    """
-    if value is None or value == "" or value == []:
-        return None
-    if isinstance(value, (list, tuple)):
-        return [str(v) for v in value]
-    text = str(value).strip()
-    if text.startswith("["):
-        try:
-            parsed = json.loads(text)
-        except json.JSONDecodeError:
-            raise FinetuneError(f"cannot parse module list {text!r} (expected a JSON list of names)") from None
-        if not all(isinstance(v, str) for v in parsed):
-            raise FinetuneError(f"module list {text!r} must hold names (strings)")
-        return parsed
-    if "," in text and all(part.strip().replace("_", "").replace(".", "").isalnum() for part in text.split(",")):
-        return [part.strip() for part in text.split(",") if part.strip()]
-    return text
-
-
-def check_batch_sizes(batch_size: int, micro_batch_size: int, world_size: int) -> int:
-    """The gradient-accumulation steps that keep the global batch equal to ``batch_size``."""
-    for name, value in (("batch_size", batch_size), ("micro_batch_size", micro_batch_size)):
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise FinetuneError(f"{name} must be a positive integer, got {value!r}")
-    if batch_size % micro_batch_size:
-        raise FinetuneError(f"batch_size {batch_size} is not a multiple of micro_batch_size {micro_batch_size}")
-    steps = batch_size // micro_batch_size
-    if steps % world_size:
-        raise FinetuneError(
-            f"batch_size {batch_size} / micro_batch_size {micro_batch_size} = {steps} accumulation steps "
-            f"cannot be split evenly over {world_size} processes"
-        )
-    return steps // world_size
+from .model_folder import check_model_folder
+from .train_options import (
+    FinetuneError,
+    check_batch_sizes,
+    check_counts_and_rates,
+    check_output_dir,
+    parse_module_list,
+)
+from .trainer import adapter_trainer_class
 
 
 # ---- data -----------------------------------------------------------------------------------
@@ -103,8 +67,6 @@ def build_datasets(rows, tokenizer, cutoff_len: int, train_on_inputs: bool, val_
     """Seeded train/validation split (as the original), then tokenization."""
     from datasets import Dataset
 
-    if val_set_size < 0:
-        raise FinetuneError(f"val_set_size must be >= 0, got {val_set_size}")
     if val_set_size >= len(rows):
         raise FinetuneError(f"val_set_size {val_set_size} leaves no training rows (the data has {len(rows)})")
     data = Dataset.from_list([{"instruction": r["instruction"], "input": r["input"], "output": r["output"]} for r in rows])
@@ -130,242 +92,6 @@ def build_datasets(rows, tokenizer, cutoff_len: int, train_on_inputs: bool, val_
     if val is not None:
         val = val.map(encode, remove_columns=columns, desc="tokenizing validation").remove_columns(["response_kept"])
     return train, val
-
-
-# ---- the adapter-aware Trainer ------------------------------------------------------------
-def _adapter_trainer_class():
-    from transformers import Trainer
-
-    from peft.tuners.sharding import keep_magnitude_fp32
-
-    class AdapterTrainer(Trainer):
-        """Checkpoints hold the adapter (fork format), not the frozen base model; with
-        ``full_model`` (full fine-tuning) they are the Trainer's own model checkpoints."""
-
-        def __init__(self, *args, full_model: bool = False, **kwargs):
-            self.full_model = full_model  # full fine-tuning: the Trainer's own checkpoints
-            super().__init__(*args, **kwargs)
-            self.skipped_steps: List[int] = []  # steps an fp16 loss scaler skipped
-            self._non_finite_loss_at: Optional[int] = None
-            if self.is_fsdp_enabled:  # before prepare() wraps the model: m stays fp32 under mixed precision
-                plugin = self.accelerator.state.fsdp_plugin
-                plugin.mixed_precision_policy = keep_magnitude_fp32(plugin.mixed_precision_policy)
-
-        def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
-            output_dir = output_dir or self.args.output_dir
-            if self.full_model:
-                super()._save(output_dir, state_dict=state_dict)
-                kill_point("save", self.state.global_step)
-                return
-            if not self.args.should_save:
-                return
-            os.makedirs(output_dir, exist_ok=True)
-            # Under FSDP, transformers passes the state dict it gathered from the shards.
-            self.accelerator.unwrap_model(self.model).save_pretrained(output_dir, state_dict=state_dict)
-            kill_point("save", self.state.global_step)  # mid-checkpoint: adapter written, the rest not
-            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
-
-        def _save_checkpoint(self, model, trial) -> None:
-            # transformers writes checkpoint-N/ file by file in place; a kill in between leaves a
-            # folder that looks like a checkpoint. The marker, written last, says it is whole.
-            folder = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
-            marker = os.path.join(folder, CHECKPOINT_COMPLETE)
-            if self.args.should_save and os.path.exists(marker):
-                os.unlink(marker)  # overwriting an older run's checkpoint-N: not whole while it is rewritten
-            super()._save_checkpoint(model, trial)
-            # Under DDP every process writes its own RNG state into the folder: whole once all have.
-            self.accelerator.wait_for_everyone()
-            if self.args.should_save:
-                fsync_files(folder)
-                atomic_write_json(marker, {"global_step": self.state.global_step})
-
-        # ---- non-finite values: stop, unless an fp16 loss scaler is going to skip the step ----
-        # An fp16 run's GradScaler finds its scale by overflowing: a step whose scaled gradients
-        # are inf/NaN is skipped (the weights untouched) and the scale halved. That is no error.
-        # A NaN that persists is: once the scale is down to MIN_LOSS_SCALE, halving it further
-        # cannot help, and the run stops as it would without a scaler.
-        def _loss_scaler(self):
-            scaler = getattr(self.accelerator, "scaler", None)
-            return scaler if scaler is not None and scaler.is_enabled() else None
-
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            loss = super().training_step(model, inputs, num_items_in_batch)
-            step = self.state.global_step + 1  # the optimizer step this micro-batch belongs to
-            kill_point("step", step)
-            if not torch.isfinite(loss).all():  # checked here: Trainer's logging_nan_inf_filter hides it
-                if self._loss_scaler() is None:
-                    raise self._non_finite("loss", step)
-                self._non_finite_loss_at = step  # judged with the gradients, in _get_grad_norm
-            return loss
-
-        def _get_grad_norm(self, model, grad_norm=None):
-            grad_norm = super()._get_grad_norm(model, grad_norm)
-            # Runs before optimizer.step(): stopping here keeps inf/NaN out of the weights.
-            step = self.state.global_step + 1
-            finite = grad_norm is None or bool(torch.isfinite(torch.as_tensor(grad_norm)).all())
-            loss_was_finite = self._non_finite_loss_at != step
-            self._non_finite_loss_at = None
-            scaler = self._loss_scaler()
-            what = "gradient norm" if loss_was_finite else "loss"
-            if scaler is None:
-                if not finite:
-                    raise self._non_finite(what, step)
-                return grad_norm
-            if finite and not loss_was_finite:
-                raise self._non_finite("loss", step, " with finite gradients: no loss scaler skips this step")
-            if not finite:
-                scale = float(scaler.get_scale())
-                if scale <= MIN_LOSS_SCALE:
-                    raise self._non_finite(what, step, f" with the fp16 loss scale down to {scale:g}")
-                self.skipped_steps.append(step)
-                if is_main_process():
-                    print(f"step {step}: non-finite fp16 {what} at loss scale {scale:g}; "
-                          f"the scaler skips the step and halves the scale")
-            return grad_norm
-
-        def _non_finite(self, what: str, step: int, detail: str = "") -> "NonFiniteError":
-            last = newest_complete_checkpoint(self.args.output_dir)
-            return NonFiniteError(
-                f"non-finite {what} at step {step}{detail} (last good checkpoint: {last or 'none yet'})"
-            )
-
-        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-            kill_point("eval", self.state.global_step)
-            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
-
-        def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-            if self.is_fsdp_enabled:
-                fsdp_save_optimizer_and_scheduler(self, output_dir)
-            else:
-                super()._save_optimizer_and_scheduler(output_dir)
-
-        def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-            if self.full_model:
-                return super()._load_from_checkpoint(resume_from_checkpoint, model)
-            load_adapter(model or self.model, resume_from_checkpoint)
-
-        def _load_best_model(self) -> None:
-            if is_main_process():
-                print(f"loading the best checkpoint {self.state.best_model_checkpoint} (eval loss {self.state.best_metric})")
-            if self.full_model:
-                return super()._load_best_model()
-            load_adapter(self.model, self.state.best_model_checkpoint)
-
-        def save_adapter(self, output_dir: str, **save_kwargs) -> None:
-            """The final adapter (or, for full fine-tuning, model), written once (by process 0);
-            every process calls this (FSDP gathers the state from all of them)."""
-            if self.full_model:
-                self.save_model(output_dir)
-                return
-            save_adapter(self.accelerator, self.model, output_dir, self.args.should_save, **save_kwargs)
-
-    return AdapterTrainer
-
-
-# Flags of the original finetune.py that this one does not take, and why (checked before any
-# work: fire would otherwise run the whole training and only then fail on the leftover flag).
-_BOTTLENECK = ("an option of LLM-Adapters' bottleneck adapter, which the original finetune.py carried; "
-               "this project trains FT, LoRA and DoRA only (the methods the DoRA paper compares)")
-ORIGINAL_ONLY_FLAGS = {
-    "lora_target_modules": "the original accepted it but never read it (--target_modules chose the modules); "
-                           "pass --target_modules",
-    "bottleneck_size": _BOTTLENECK,
-    "non_linearity": _BOTTLENECK,
-    "adapter_dropout": _BOTTLENECK,
-    "use_parallel_adapter": _BOTTLENECK,
-    "use_adapterp": _BOTTLENECK,
-    "scaling": _BOTTLENECK,
-    "num_virtual_tokens": "an option of LLM-Adapters' prefix tuning, which the original finetune.py carried; "
-                          "this project trains FT, LoRA and DoRA only",
-}
-
-
-def check_flags(argv: List[str]) -> None:
-    """Refuse, in one line, any --flag that train() does not take (naming why, for the original's)."""
-    for word in argv:
-        if not word.startswith("--"):
-            continue
-        name = word[2:].split("=", 1)[0].replace("-", "_")
-        if name in TRAIN_FLAGS or name in ("help", "debug") or (name.startswith("no") and name[2:] in TRAIN_FLAGS):
-            continue  # --noflag: fire's way to pass False
-        if name in ORIGINAL_ONLY_FLAGS:
-            raise FinetuneError(f"--{name}: {ORIGINAL_ONLY_FLAGS[name]}")
-        raise FinetuneError(f"unknown flag --{name} (finetune.py's flags: {', '.join('--' + f for f in TRAIN_FLAGS)})")
-
-
-class NonFiniteError(FinetuneError):
-    """The loss or the gradient norm became inf/NaN; training stops before the weights do."""
-
-
-# An fp16 loss scale at or below this that still overflows is a real NaN, not a scale to find.
-MIN_LOSS_SCALE = 1.0
-
-
-CHECKPOINT_COMPLETE = "checkpoint_complete.json"  # written last into checkpoint-N/
-
-
-def checkpoint_step(name: str) -> Optional[int]:
-    """N for a folder named checkpoint-N (the Trainer's checkpoints), else None."""
-    match = re.fullmatch(r"checkpoint-([0-9]+)", name)
-    return int(match[1]) if match else None
-
-
-def is_complete_checkpoint(folder: str) -> bool:
-    return os.path.isfile(os.path.join(folder, CHECKPOINT_COMPLETE))
-
-
-def newest_complete_checkpoint(output_dir: str) -> Optional[str]:
-    """The highest-step checkpoint-N folder in output_dir that has its completion marker."""
-    if not os.path.isdir(output_dir):
-        return None
-    steps = []
-    for name in os.listdir(output_dir):
-        step = checkpoint_step(name)
-        if step is not None and is_complete_checkpoint(os.path.join(output_dir, name)):
-            steps.append(step)
-    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
-
-
-def adapter_warm_start(resume_from_checkpoint) -> Optional[str]:
-    """The adapter folder to warm-start from, when ``resume_from_checkpoint`` names one.
-
-    As in the original, a folder holding an adapter but no Trainer state (a final adapter, a
-    released one) is not resumed: its weights are loaded and training starts at step 0 with a
-    fresh optimizer and schedule. A ``checkpoint-N`` folder is always a checkpoint (see
-    resolve_resume), even one cut off before its Trainer state was written.
-    """
-    if not resume_from_checkpoint or resume_from_checkpoint in ("auto", True, "True", "true"):
-        return None
-    folder = str(resume_from_checkpoint)
-    if not os.path.isdir(folder) or checkpoint_step(os.path.basename(os.path.normpath(folder))) is not None:
-        return None
-    has_adapter = os.path.isfile(os.path.join(folder, "adapter_config.json")) and any(
-        os.path.isfile(os.path.join(folder, name)) for name in ("adapter_model.bin", "adapter_model.safetensors")
-    )
-    if has_adapter and not os.path.isfile(os.path.join(folder, "trainer_state.json")):
-        return folder
-    return None
-
-
-def resolve_resume(resume_from_checkpoint, output_dir: str):
-    """``auto``: the newest complete checkpoint in output_dir (None if there is none); else the path.
-
-    A checkpoint without its marker was cut off mid-save (a kill, a full disk): ``auto`` skips
-    it and an explicit path to it is an error. (An adapter folder is a warm start instead:
-    adapter_warm_start.)
-    """
-    if not resume_from_checkpoint:
-        return None
-    if resume_from_checkpoint in ("auto", True, "True", "true"):
-        return newest_complete_checkpoint(output_dir)
-    if not os.path.isdir(resume_from_checkpoint):
-        raise FinetuneError(f"resume_from_checkpoint: no checkpoint folder {resume_from_checkpoint}")
-    if not is_complete_checkpoint(resume_from_checkpoint):
-        raise FinetuneError(
-            f"resume_from_checkpoint: {resume_from_checkpoint} is incomplete (no {CHECKPOINT_COMPLETE}; "
-            "the run stopped while saving it); pass an earlier checkpoint or 'auto'"
-        )
-    return resume_from_checkpoint
 
 
 # ---- the run --------------------------------------------------------------------------------
@@ -431,11 +157,10 @@ def train(
             "finetune.py also had LLM-Adapters' bottleneck and prefix-tuning adapters; the DoRA paper compares "
             "FT, LoRA and DoRA, so only those are carried)"
         )
+    check_counts_and_rates(locals())
     processes = world_size()
     ddp = processes != 1
     accumulation_steps = check_batch_sizes(batch_size, micro_batch_size, processes)
-    if cutoff_len <= 0:
-        raise FinetuneError(f"cutoff_len must be positive, got {cutoff_len}")
     adapter_config_cls = DoraConfig if adapter == "dora" else LoraConfig
     adapter_kwargs = dict(
         r=lora_r,
@@ -457,6 +182,9 @@ def train(
         peft_config = adapter_config_cls(**adapter_kwargs)  # validates r, alpha, dropout before any loading
     check_output_dir(output_dir)
     rows = load_training_rows(data_path)
+    check_model_folder(base_model)
+    if load_8bit or load_4bit:
+        quantization_config(load_8bit, load_4bit, torch.float32)  # both flags, or no bitsandbytes: said now
     warm_start = None if full_model else adapter_warm_start(resume_from_checkpoint)
     resume = None if warm_start else resolve_resume(resume_from_checkpoint, output_dir)
     if warm_start:
@@ -476,6 +204,10 @@ def train(
             + "\n".join(f"  {k}: {v}" for k, v in locals_summary(locals()).items())
         )
     set_seed(seed)
+    # Tokenizer and data before the model: a bad tokenizer, cutoff_len or val_set_size fails in
+    # seconds, not after minutes of loading the base weights.
+    tokenizer = load_tokenizer(base_model, trust_remote_code=trust_remote_code, padding_side="left")
+    train_data, val_data = build_datasets(rows, tokenizer, cutoff_len, train_on_inputs, val_set_size, seed)
     device = pick_device()
     cuda = device == "cuda"
     fsdp = check_fsdp_setup(cuda, quantized=load_8bit or load_4bit)
@@ -489,7 +221,6 @@ def train(
         trust_remote_code=trust_remote_code,
         device_map=device_map,
     )
-    tokenizer = load_tokenizer(base_model, trust_remote_code=trust_remote_code, padding_side="left")
     configure_padding(tokenizer, model)
     model = prepare_model_for_int8_training(model, use_gradient_checkpointing=use_gradient_checkpointing)
     if full_model:
@@ -505,7 +236,6 @@ def train(
         if is_main_process():
             model.print_trainable_parameters()
 
-    train_data, val_data = build_datasets(rows, tokenizer, cutoff_len, train_on_inputs, val_set_size, seed)
     args = TrainingArguments(
         output_dir=output_dir,
         per_device_train_batch_size=micro_batch_size,
@@ -543,7 +273,7 @@ def train(
         remove_unused_columns=False,
     )
     keep_one_device(args, processes)
-    trainer = _adapter_trainer_class()(
+    trainer = adapter_trainer_class()(
         full_model=full_model,
         model=model,
         args=args,
@@ -606,13 +336,6 @@ def keep_one_device(args, processes: int) -> None:
 def locals_summary(values: dict) -> dict:
     hidden = {"debug"}
     return {k: v for k, v in values.items() if k in TRAIN_FLAGS and k not in hidden}
-
-
-def check_output_dir(output_dir: str) -> None:
-    """Fail before any work if output_dir cannot be created or written (creates nothing)."""
-    if not output_dir:
-        raise FinetuneError("output_dir must not be empty")
-    check_writable_dir(output_dir, "output_dir")
 
 
 def write_training_log(trainer, output_dir: str, elapsed: float) -> None:

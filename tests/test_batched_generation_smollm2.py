@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from commonsense.evaluation import GenerationSettings, generate_responses, load_model_for_eval
+from commonsense.eval_model import load_model_for_eval
+from commonsense.generation import GenerationSettings, generate_responses
 from commonsense.tasks import extract_answer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from commonsense.training import CHECKPOINT_COMPLETE, FinetuneError, newest_complete_checkpoint, resolve_resume
+from commonsense.checkpoints import CHECKPOINT_COMPLETE, newest_complete_checkpoint, resolve_resume
+from commonsense.train_options import FinetuneError
 from tiny_models import build_tiny_llama
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -160,13 +161,13 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
 def test_non_finite_gradient_norm_stops_before_the_optimizer_step(work, tmp_path, norm):
     from transformers import AutoModelForCausalLM, TrainingArguments
 
-    from commonsense.training import NonFiniteError, _adapter_trainer_class
+    from commonsense.trainer import NonFiniteError, adapter_trainer_class
     from peft import DoraConfig, get_peft_model
 
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(work / "tiny"),
                            DoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
-    trainer = _adapter_trainer_class()(model=model, args=args)
+    trainer = adapter_trainer_class()(model=model, args=args)
     assert trainer._get_grad_norm(model, grad_norm=torch.tensor(2.5)) == 2.5
     with pytest.raises(NonFiniteError, match=r"^non-finite gradient norm at step 1 \(last good checkpoint: none yet\)$"):
         trainer._get_grad_norm(model, grad_norm=torch.tensor(norm))

@@ -1,5 +1,5 @@
 """finetune.py --adapter_name ft (full fine-tuning) on a tiny random LLaMA: what trains, the
-folders it writes, resuming, evaluating, and its errors."""
+folders it writes, resuming and evaluating (its bad inputs: tests/test_bad_inputs.py)."""
 import json
 import os
 import shutil
@@ -83,8 +83,8 @@ def test_ft_resumes_to_the_uninterrupted_result(work, ft_run, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert f"resuming from {out / 'checkpoint-2'}" in run.stdout
     expected, got = weights(ft_run), weights(out)
-    for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6)
+    assert expected.keys() == got.keys()
+    assert [k for k in expected if not torch.equal(got[k], expected[k])] == []  # bit for bit
 
 
 def test_ft_target_modules_restrict_what_trains(work, tmp_path):
@@ -105,21 +105,8 @@ def test_commonsense_evaluate_takes_an_ft_model(work, ft_run, tmp_path):
     assert summary["adapter"] == "FT" and summary["n"] == 2
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--load_8bit"], "cannot be 8-bit/4-bit"),
-    (["--Wdecompose_target_modules", "o_proj"], "is a DoRA option"),
-    (["--target_modules", "nothing_here"], "matches no decoder linear layer"),
-])
-def test_ft_errors_are_one_line(work, tmp_path, extra, message):
-    run = finetune(work, tmp_path / "bad", *extra)
-    assert run.returncode == 2
-    last = run.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and message in last, last
-    assert not (tmp_path / "bad" / "model.safetensors").exists()
-
-
 def test_lora_weights_with_ft_is_refused():
-    from commonsense.evaluation import EvaluationError, check_adapter_args
+    from commonsense.eval_model import EvaluationError, check_adapter_args
 
     with pytest.raises(EvaluationError, match="a fully fine-tuned model is the --base_model folder"):
         check_adapter_args("FT", "some/folder")

@@ -9,17 +9,10 @@ import pytest
 import torch
 
 from commonsense import evaluation
-from commonsense.evaluation import (
-    RunInfo,
-    choice_labels,
-    continuation_ids,
-    evaluate_task,
-    load_model_for_eval,
-    partial_path,
-    result_path,
-    score_choices,
-    summary_path,
-)
+from commonsense.eval_log import partial_path
+from commonsense.eval_model import EvaluationError, load_model_for_eval
+from commonsense.evaluation import RunInfo, evaluate_task, result_path, summary_path
+from commonsense.loglik import choice_labels, continuation_ids, score_choices
 from commonsense.prompts import evaluation_prompt
 from commonsense.tasks import get_task
 
@@ -148,7 +141,7 @@ def test_loglik_task_writes_files_and_prediction_is_argmax(tiny, tmp_path):
 
 
 def test_bad_mode(tmp_path):
-    with pytest.raises(evaluation.EvaluationError, match="unknown mode"):
+    with pytest.raises(EvaluationError, match="unknown mode"):
         evaluate_task(None, None, "boolq", rows_for("boolq", ["q"], ["true"]), 1, tmp_path / "x.json", mode="x")
 
 

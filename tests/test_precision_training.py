@@ -15,14 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from commonsense.training import (
-    MIN_LOSS_SCALE,
-    FinetuneError,
-    NonFiniteError,
-    _adapter_trainer_class,
-    build_datasets,
-    training_precision,
-)
+from commonsense.train_options import FinetuneError
+from commonsense.trainer import MIN_LOSS_SCALE, NonFiniteError, adapter_trainer_class
+from commonsense.training import build_datasets, training_precision
 from tiny_models import build_tiny_llama
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -55,7 +50,7 @@ def make_trainer(tiny_dir, out, max_steps=6, **arg_overrides):
                              max_steps=max_steps, learning_rate=1e-2, warmup_steps=0, logging_steps=1,
                              save_strategy="no", remove_unused_columns=False, seed=0, **arg_overrides)
     collator = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True)
-    return _adapter_trainer_class()(model=model, args=args, train_dataset=train, data_collator=collator)
+    return adapter_trainer_class()(model=model, args=args, train_dataset=train, data_collator=collator)
 
 
 def give_loss_scaler(trainer, init_scale: float) -> torch.amp.GradScaler:

@@ -64,11 +64,3 @@ def test_evaluate_with_4bit_base_keeps_the_adapter_unmerged(tmp_path, tiny_dir):
     assert "adapter is kept unmerged" in result.stdout
     summary = json.loads(next((tmp_path / "experiment").glob("*boolq*.json")).read_text())
     assert summary  # a result file was written
-
-
-def test_both_quantization_flags_is_one_error_line(tmp_path, tiny_dir):
-    run = run_finetune(tmp_path, tiny_dir, "--output_dir", str(tmp_path / "out"), "--adapter_name", "dora",
-                       "--load_4bit", "--load_8bit", "--max_steps", "1")
-    assert run.returncode != 0
-    lines = [line for line in run.stderr.splitlines() if line.strip()]
-    assert lines == ["error: choose one of --load_8bit and --load_4bit"], run.stderr[-2000:]

@@ -18,7 +18,7 @@ import torch
 
 import download_dora_weights
 from commonsense import released
-from commonsense.evaluation import load_model_for_eval
+from commonsense.eval_model import load_model_for_eval
 
 from tiny_models import build_tiny_llama
 

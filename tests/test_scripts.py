@@ -418,7 +418,7 @@ def test_seed_readme_names_run_the_same_commands(alias, real, tmp_path):
     ("llama_7B_Dora_qkv.sh", "--Wdecompose_target_modules", ["o_proj", "gate_proj", "up_proj", "down_proj"]),
 ])
 def test_module_lists_parse(script, flag, expected, tmp_path):
-    from commonsense.training import parse_module_list
+    from commonsense.train_options import parse_module_list
 
     train, _ = split_train_eval(dry_run(script, 32, 64, "out", 0, cwd=tmp_path))
     value = train[0].flags("finetune.py")[flag]
