@@ -12,29 +12,14 @@ import torch
 
 from commonsense.eval_model import EvaluationError, model_device
 from commonsense.prompts import evaluation_prompt
-from commonsense.tasks import get_task
-
-# Number of answer choices in the data for tasks with a fixed count (the label
-# lists allow more, e.g. answer1..5 for SIQA/OBQA, to match the original regex).
-# ARC varies (3-5 answers) and is read from each instruction.
-FIXED_CHOICES = {"boolq": 2, "piqa": 2, "winogrande": 2, "hellaswag": 4, "social_i_qa": 3, "openbookqa": 4}
-
+from commonsense.tasks import answer_options, get_task
 
 def choice_labels(task_name: str, instruction: str) -> list:
-    """The label words that are valid answers for this example.
-
-    Fixed-size tasks use the first FIXED_CHOICES labels; ARC lists 3-5 answers as
-    "Answer1: ... Answer5: ..." (and "Answer format: answer1/.../answerN"), so the
-    labels whose number appears there are used.
-    """
-    task = get_task(task_name)
-    if task.name in FIXED_CHOICES:
-        return list(task.labels[:FIXED_CHOICES[task.name]])
-    present = {int(n) for n in re.findall(r"\banswer(\d)\b", instruction, flags=re.IGNORECASE)}
-    labels = [label for label in task.labels if int(label[-1]) in present]
-    if len(labels) < 2:
-        raise EvaluationError(f"{task.name}: cannot find the answer choices in instruction {instruction[:80]!r}")
-    return labels
+    """The label words that are valid answers for this example (:func:`tasks.answer_options`)."""
+    try:
+        return answer_options(task_name, instruction)
+    except ValueError as error:
+        raise EvaluationError(str(error)) from None
 
 
 def continuation_ids(tokenizer, prompt: str, continuation: str):

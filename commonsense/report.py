@@ -24,18 +24,15 @@ All three are written atomically. CLI (from the repository root):
 import csv
 import io
 import json
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from commonsense.cli import OneLineErrorParser, run_or_exit
 from commonsense.io import atomic_write_bytes, atomic_write_text
-from commonsense.tasks import TASKS
+from commonsense.tasks import TASKS, answer_options
 
 SHIPPED_DATASET_DIR = Path(__file__).resolve().parent.parent / "dataset"
-# The prompts end with the example's own options, e.g. "Answer format: answer1/answer2/answer3".
-ANSWER_FORMAT = re.compile(r"Answer format:\s*(\S+)\s*$")
 CHANCE_LABEL = ("Chance", "uniform guess")
 MISSING = "–"  # en dash, as in the paper's tables
 INCOMPLETE_MARK = "*"
@@ -117,19 +114,13 @@ def collect_runs(summaries) -> list:
 
 # --------------------------------------------------------------------------- chance level
 
-def answer_options(row: dict):
-    """The answer options of one example (from its "Answer format:" line), or None."""
-    match = ANSWER_FORMAT.search(str(row.get("instruction", "")))
-    options = match.group(1).split("/") if match else []
-    return options if len(options) >= 2 else None
-
-
-def chance_accuracy(rows):
+def chance_accuracy(rows, task_name: str):
     """Expected accuracy of a uniform guess among each row's options; None if a row has none."""
-    counts = [answer_options(row) for row in rows]
-    if not counts or any(options is None for options in counts):
+    try:
+        counts = [len(answer_options(task_name, str(row.get("instruction", "")))) for row in rows]
+    except ValueError:
         return None
-    return sum(1 / len(options) for options in counts) / len(counts)
+    return sum(1 / k for k in counts) / len(counts) if counts else None
 
 
 def _read_rows(path: Path, n: int):
@@ -159,7 +150,7 @@ def chance_levels(runs, experiment_dir, dataset_dir=SHIPPED_DATASET_DIR) -> dict
 
     Runs of one folder normally evaluate the same rows; where they differ, the chance
     shown is that of the run with the most examples. A task whose examples cannot be
-    read, or lack an "Answer format:" line, has no entry.
+    read, or whose options cannot be found (tasks.answer_options), has no entry.
     """
     levels = {}
     for name in TASKS:
@@ -168,7 +159,7 @@ def chance_levels(runs, experiment_dir, dataset_dir=SHIPPED_DATASET_DIR) -> dict
             continue
         largest = max(summaries, key=lambda s: int(s["n"]))
         rows = evaluated_rows(experiment_dir, largest, dataset_dir)
-        chance = chance_accuracy(rows) if rows is not None else None
+        chance = chance_accuracy(rows, name) if rows is not None else None
         if chance is not None:
             levels[name] = (chance, len(rows))
     return levels

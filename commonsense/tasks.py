@@ -6,6 +6,8 @@ is trained to emit. Answer extraction reproduces the original
 commonsense_evaluate.py exactly: the first (case-sensitive, substring) regex
 match of the label alternation in the stripped generation, or "" if none.
 """
+from __future__ import annotations
+
 import re
 from dataclasses import dataclass
 
@@ -18,6 +20,8 @@ class Task:
     # The fine-tuning targets ("output" in the data) are this template filled with the
     # label word; loglik evaluation scores exactly these continuations.
     answer_template: str = "the correct answer is {label}"
+    # How many of `labels` are this task's answers; None: each prompt lists its own (ARC: 3 to 5).
+    choices: int | None = None
 
     def continuation(self, label: str) -> str:
         """The trained answer text for `label`, e.g. "the correct answer is answer2"."""
@@ -36,16 +40,16 @@ _ANSWER_1_TO_5 = ("answer1", "answer2", "answer3", "answer4", "answer5")
 TASKS = {
     task.name: task
     for task in (
-        Task("boolq", "BoolQ", ("true", "false")),
-        Task("piqa", "PIQA", ("solution1", "solution2")),
+        Task("boolq", "BoolQ", ("true", "false"), choices=2),
+        Task("piqa", "PIQA", ("solution1", "solution2"), choices=2),
         # SIQA has 3 choices and OBQA 4, but the original regex accepts answer1..5
         # for all four "answerN" tasks; keep that so scores match.
-        Task("social_i_qa", "SIQA", _ANSWER_1_TO_5),
-        Task("hellaswag", "HellaSwag", ("ending1", "ending2", "ending3", "ending4")),
-        Task("winogrande", "WinoGrande", ("option1", "option2")),
+        Task("social_i_qa", "SIQA", _ANSWER_1_TO_5, choices=3),
+        Task("hellaswag", "HellaSwag", ("ending1", "ending2", "ending3", "ending4"), choices=4),
+        Task("winogrande", "WinoGrande", ("option1", "option2"), choices=2),
         Task("ARC-Easy", "ARC-e", _ANSWER_1_TO_5),
         Task("ARC-Challenge", "ARC-c", _ANSWER_1_TO_5),
-        Task("openbookqa", "OBQA", _ANSWER_1_TO_5),
+        Task("openbookqa", "OBQA", _ANSWER_1_TO_5, choices=4),
     )
 }
 
@@ -62,6 +66,23 @@ def get_task(task_or_name) -> Task:
         raise ValueError(
             f"unknown task {task_or_name!r}; valid tasks: {', '.join(TASK_NAMES)}"
         ) from None
+
+
+def answer_options(task_or_name, instruction: str) -> list:
+    """The label words that answer this example: the task's fixed choices, or for ARC the
+    answers its prompt lists ("Answer1: ... Answer5: ..."). ValueError when fewer than two.
+
+    The one reader of an example's options: loglik scores these continuations and the
+    report's chance level is the mean of 1 / len(options).
+    """
+    task = get_task(task_or_name)
+    if task.choices is not None:
+        return list(task.labels[:task.choices])
+    present = {int(n) for n in re.findall(r"\banswer(\d)\b", instruction, flags=re.IGNORECASE)}
+    labels = [label for label in task.labels if int(label[-1]) in present]
+    if len(labels) < 2:
+        raise ValueError(f"{task.name}: cannot find the answer choices in instruction {instruction[:80]!r}")
+    return labels
 
 
 def extract_answer(task_or_name, text: str) -> str:

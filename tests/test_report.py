@@ -2,15 +2,16 @@
 import csv
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from commonsense.report import (ReportError, answer_options, build_report, chance_accuracy, chance_levels,
+from commonsense.report import (ReportError, build_report, chance_accuracy, chance_levels,
                                 collect_runs, evaluated_rows, load_summaries, markdown_table)
-from commonsense.tasks import TASKS
+from commonsense.tasks import TASKS, answer_options
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FULL_RUN = {"boolq": 0.70, "piqa": 0.80, "social_i_qa": 0.75, "hellaswag": 0.85,
@@ -134,13 +135,12 @@ def answers(k):
 
 def test_chance_is_the_mean_of_one_over_each_examples_option_count():
     rows = [example(answers(3)), example(answers(4)), example(answers(5))]
-    assert chance_accuracy(rows) == pytest.approx((1 / 3 + 1 / 4 + 1 / 5) / 3)
-    assert answer_options(example(["true", "false"])) == ["true", "false"]
-    # WinoGrande's prompts put the line after the options, on the same line.
-    assert answer_options({"instruction": "Option1: Sarah Option2: Maria Answer format: option1/option2"}) == [
-        "option1", "option2"]
-    assert chance_accuracy([example(answers(4)), {"instruction": "no options given"}]) is None
-    assert chance_accuracy([]) is None
+    assert chance_accuracy(rows, "ARC-Easy") == pytest.approx((1 / 3 + 1 / 4 + 1 / 5) / 3)
+    # Tasks with a fixed number of choices take it from the registry, not the prompt.
+    assert chance_accuracy(rows, "social_i_qa") == pytest.approx(1 / 3)
+    assert chance_accuracy([example(["true", "false"])], "boolq") == pytest.approx(1 / 2)
+    assert chance_accuracy([example(answers(4)), {"instruction": "no options given"}], "ARC-Challenge") is None
+    assert chance_accuracy([], "boolq") is None
 
 
 def test_chance_comes_from_the_evaluated_examples_in_the_results_file(tmp_path):
@@ -171,7 +171,7 @@ def test_chance_falls_back_to_the_shipped_test_sets(experiment):
     # Whole ARC-Easy: 2365 items with 4 options, 7 with 3 and 4 with 5.
     summary = {"dataset": "ARC-Easy", "n": 2376}
     rows = evaluated_rows(experiment, summary)
-    assert chance_accuracy(rows) == pytest.approx((2365 / 4 + 7 / 3 + 4 / 5) / 2376)
+    assert chance_accuracy(rows, "ARC-Easy") == pytest.approx((2365 / 4 + 7 / 3 + 4 / 5) / 2376)
 
 
 def test_demo_style_table_has_a_chance_row(experiment):
@@ -185,12 +185,12 @@ def test_demo_style_table_has_a_chance_row(experiment):
     assert [r["model"] for r in csv.DictReader(io.StringIO(paths["csv"].read_text()))] == ["LLaMA-7B", "SmolLM2-135M"]
 
 
-def test_answer_options_agree_with_the_loglik_choices_on_every_shipped_test_row():
-    # Two readers of an example's options: the report's (its "Answer format:" line) and loglik
-    # scoring's (commonsense.evaluation.choice_labels); they must not drift apart.
-    from commonsense.evaluation import choice_labels
-
+def test_the_registry_options_are_what_every_shipped_prompt_offers():
+    # tasks.answer_options (loglik's choices, the chance level) against the options each
+    # shipped prompt ends with ("Answer format: answer1/answer2/answer3"), and the gold answer.
     for name in TASKS:
         rows = json.loads((REPO_ROOT / "dataset" / name / "test.json").read_text())
         for row in rows:
-            assert answer_options(row) == choice_labels(name, row["instruction"]), (name, row["instruction"][-120:])
+            offered = re.search(r"Answer format:\s*(\S+)\s*$", row["instruction"]).group(1).split("/")
+            assert answer_options(name, row["instruction"]) == offered, (name, row["instruction"][-120:])
+            assert row["answer"] in offered
