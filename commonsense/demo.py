@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import time
 from pathlib import Path
 
 from commonsense import recipe
-from commonsense.cli import add_repo_paths, run_or_exit
+from commonsense.cli import OneLineErrorParser, add_repo_paths, run_or_exit
 from commonsense.embedded_model import SMOLLM2_ALIAS, SMOLLM2_NAME, prepare_embedded_model
 
 REPO_ROOT = Path(add_repo_paths())
@@ -34,7 +35,7 @@ DEMO_TRAIN = REPO_ROOT / "dataset" / "demo_train.json"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m commonsense.demo", description=__doc__.splitlines()[0])
+    parser = OneLineErrorParser(prog="python -m commonsense.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", default=str(REPO_ROOT / "experiment" / "demo"))
     parser.add_argument("--eval_limit", type=int, default=12, help="first N rows of each test set")
     parser.add_argument("--train_rows", type=int, default=224, help="first N rows of dataset/demo_train.json")
@@ -51,6 +52,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("eval_limit", "train_rows", "lora_r", "lora_alpha", "micro_batch_size", "batch_size", "eval_batch_size"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name} must be positive")
+    for name in ("num_epochs", "learning_rate"):  # refused here, not after the base model's evaluation
+        if not math.isfinite(getattr(args, name)) or getattr(args, name) <= 0:
+            parser.error(f"--{name} must be a positive number, got {getattr(args, name)!r}")
+    if args.micro_batch_size > args.batch_size:
+        parser.error(f"--micro_batch_size {args.micro_batch_size} exceeds --batch_size {args.batch_size}")
     return args
 
 

@@ -24,7 +24,6 @@ embedded model and prints the cached folder.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import logging
@@ -176,9 +175,9 @@ def configure_padding(tokenizer, model=None) -> int:
 
 
 def _load_error(what: str, name: str, err: Exception) -> ModelLoadError:
-    lines = str(err).strip().splitlines()
-    detail = lines[0] if lines else type(err).__name__
-    return ModelLoadError(f"cannot load {what} {name!r}: {detail}")
+    """Upstream's message whole, on one line (its first line alone can end mid-sentence)."""
+    detail = " ".join(line.strip() for line in str(err).strip().splitlines() if line.strip())
+    return ModelLoadError(f"cannot load {what} {name!r}: {detail or type(err).__name__}")
 
 
 def refuse_remote_code(path: str, trust_remote_code: bool) -> None:
@@ -336,20 +335,21 @@ def quantization_config(load_8bit: bool, load_4bit: bool, compute_dtype: torch.d
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m commonsense.models", description=__doc__.splitlines()[0])
+    from commonsense.cli import OneLineErrorParser, run_or_exit
+
+    parser = OneLineErrorParser(prog="python -m commonsense.models", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     prepare = sub.add_parser("prepare", help="resolve a base model (converting an embedded one) and print its path")
     prepare.add_argument("model", help=f"embedded alias ({SMOLLM2_ALIAS}), local folder or hub id")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    try:
-        path = resolve_base_model(args.model)
-    except ModelLoadError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(path)
-    return 0
+
+    def run() -> int:
+        print(resolve_base_model(args.model))
+        return 0
+
+    return run_or_exit(run)
 
 
 if __name__ == "__main__":

@@ -91,3 +91,19 @@ def test_entry_scripts_train_then_evaluate_smollm2(tmp_path):
     assert evaluate.returncode == 0, evaluate.stderr[-4000:]
     for task in ("boolq", "winogrande"):
         assert len(json.loads((tmp_path / "exp" / f"SmolLM2-135M-DoRA-{task}.json").read_text())) == 4
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--num_epochs", "0"], "--num_epochs must be a positive number"),
+    (["--learning_rate", "nan"], "--learning_rate must be a positive number"),
+    (["--micro_batch_size", "16", "--batch_size", "8"], "--micro_batch_size 16 exceeds --batch_size 8"),
+    (["--train_rows", "0"], "--train_rows must be positive"),
+])
+def test_demo_refuses_nonsense_before_any_work(argv, message, capsys):
+    from commonsense.demo import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1

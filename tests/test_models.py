@@ -288,8 +288,18 @@ def test_concurrent_build_keeps_the_first_finished_folder(tmp_path):
 def test_cli_prepare_prints_path(tiny_llama_dir, capsys):
     assert models.main(["prepare", str(tiny_llama_dir)]) == 0
     assert capsys.readouterr().out.strip() == str(tiny_llama_dir.resolve())
-    assert models.main(["prepare", "no-such-alias"]) == 1
-    assert "unknown base model" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        models.main(["prepare", "no-such-alias"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "unknown base model" in err and err.count("\n") == 1
+
+
+def test_a_multi_line_upstream_load_error_is_kept_whole_on_one_line():
+    err = models._load_error("tokenizer", "/m", OSError("Couldn't instantiate the backend tokenizer from one of:\n"
+                                                            "(1) a `tokenizers` library file\n(2) a slow tokenizer"))
+    assert str(err) == ("cannot load tokenizer '/m': Couldn't instantiate the backend tokenizer from one of: "
+                        "(1) a `tokenizers` library file (2) a slow tokenizer")
 
 
 # --- real SmolLM2-135M conversion (uses the default cache: converts once) ---
