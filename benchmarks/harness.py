@@ -225,8 +225,14 @@ def machine_info() -> dict:
 
 
 def write_result(path, result: dict) -> None:
-    """The benchmark's JSON record (its folder created)."""
+    """The benchmark's JSON record (its folder created), replaced whole: never a half-written file.
+
+    Not through commonsense.io: that writes with the fork's helper, and in this parent process
+    ``peft`` may be HF peft (the workers choose theirs).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, path)
     print(f"wrote {path}")

@@ -36,7 +36,6 @@ Writes ``benchmarks/results/norm_cache_<device>.json`` (``--out`` to change).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -51,6 +50,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "peft" / "src"))  # this repo's fork, not a pip-installed peft
 
 from peft.tuners.dora import DoraLinear  # noqa: E402
+
+import harness  # noqa: E402  (benchmarks/, this script's folder)
 
 MODES = ("on", "no_n", "off")
 SHAPES = {  # model -> [(layer, in, out)]
@@ -254,15 +255,11 @@ def main(argv=None) -> None:
         "benchmark": "norm_cache", "started": started, "commit": git_commit(), "command": " ".join(sys.argv),
         "device": args.device, "dtype": args.dtype,
         "base": args.base, "rank": args.rank, "repeats": args.repeats, "warmup": args.warmup, "modes": list(MODES),
-        "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "machine": {**harness.machine_info(), "threads": torch.get_num_threads(),
                     "load_average_before": load_before, "load_average_after": os.getloadavg()},
         "results": results,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, out)  # never a half-written result
-    print(f"wrote {out}")
+    harness.write_result(out, record)
 
 
 if __name__ == "__main__":
