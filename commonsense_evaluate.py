@@ -34,6 +34,15 @@ def _positive_int(text):
     return value
 
 
+def _model_name(text):
+    from commonsense.evaluation import EvaluationError, check_model_name
+
+    try:
+        return check_model_name(text)
+    except EvaluationError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def parse_args(argv=None):
     from commonsense.evaluation import MODEL_NAMES, MODES
 
@@ -41,7 +50,8 @@ def parse_args(argv=None):
     parser.add_argument("--dataset", required=True,
                         help="task name (boolq, piqa, social_i_qa, hellaswag, winogrande, ARC-Challenge, "
                              "ARC-Easy, openbookqa), a comma list, or 'all'")
-    parser.add_argument("--model", required=True, choices=MODEL_NAMES, help="name used in output file names")
+    parser.add_argument("--model", required=True, type=_model_name,
+                        help=f"a label for the output file names only, any plain name (e.g. {', '.join(MODEL_NAMES)})")
     parser.add_argument("--adapter", required=True,
                         help="LoRA, DoRA, FT (a fully fine-tuned --base_model) or none (case-insensitive)")
     parser.add_argument("--base_model", required=True, help="hub id, local model folder or smollm2-135m")
@@ -87,10 +97,12 @@ def validate_inputs(args):
 
 
 def print_table(summaries):
+    """Accuracy per task and the average; examples/s over what this run scored (resumed ones left out)."""
     print(f"mode: {summaries[0].get('mode', 'generate')}")
-    print(f"{'task':<12} {'n':>6} {'correct':>8} {'accuracy':>9}")
+    print(f"{'task':<12} {'n':>6} {'correct':>8} {'accuracy':>9} {'examples/s':>11}")
     for s in summaries:
-        print(f"{s['task']:<12} {s['n']:>6} {s['correct']:>8} {100 * s['accuracy']:>8.1f}%")
+        speed = f"{s['examples_per_s']:.3g}" if s.get("examples_per_s") else "-"
+        print(f"{s['task']:<12} {s['n']:>6} {s['correct']:>8} {100 * s['accuracy']:>8.1f}% {speed:>11}")
     mean = sum(s["accuracy"] for s in summaries) / len(summaries)
     print(f"{'average':<12} {'':>6} {'':>8} {100 * mean:>8.1f}%")
 

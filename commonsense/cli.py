@@ -1,8 +1,8 @@
 """What every command line does on the way out: one path, the same exit codes everywhere.
 
-Every CLI (finetune.py, commonsense_evaluate.py, convert_adapter.py, download_dora_weights.py,
-analyze_decomposition.py, python -m commonsense.reproduce / demo / data / report) parses its
-options with :class:`OneLineErrorParser` and runs its work through :func:`run_or_exit`:
+Every CLI (finetune.py, commonsense_evaluate.py, convert_adapter.py, merge_adapter.py,
+download_dora_weights.py, analyze_decomposition.py, python -m commonsense.reproduce / demo / data /
+report) parses its options with :class:`OneLineErrorParser` and runs its work through :func:`run_or_exit`:
 
 * 0   - done;
 * 2   - the input is wrong (an option, a count, a file, a folder, an adapter, a model folder):

@@ -80,18 +80,23 @@ def is_complete_model_folder(folder: Path) -> bool:
     return all((folder / f).is_file() for f in REQUIRED_MODEL_FILES)
 
 
-def build_atomically(target: Path, build: Callable[[Path], None]) -> Path:
+def build_atomically(target: Path, build: Callable[[Path], None], replace: bool = False) -> Path:
     """Create folder ``target`` by running ``build(tmp)`` on a sibling temp folder.
 
     The temp folder is renamed into place only after ``build`` returns, so a
     crash never leaves a half-written ``target``.  If another process finished
-    first, its folder is kept and ours is discarded.
+    first, its folder is kept and ours is discarded.  With ``replace``, an
+    existing ``target`` is moved aside and deleted only once the new folder is
+    complete (a failed build leaves it as it was).
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the cache is ordinary data
     try:
         build(tmp)
+        if replace and target.exists():
+            _swap_in(tmp, target)
+            return target
         try:
             os.replace(tmp, target)
         except OSError:
@@ -101,6 +106,20 @@ def build_atomically(target: Path, build: Callable[[Path], None]) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # no-op once renamed
     return target
+
+
+def _swap_in(new: Path, target: Path) -> None:
+    """Rename ``new`` over the existing folder ``target`` (a rename cannot replace a non-empty folder)."""
+    holder = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    try:
+        os.replace(target, holder / target.name)
+        try:
+            os.replace(new, target)
+        except OSError:
+            os.replace(holder / target.name, target)  # put the old folder back
+            raise
+    finally:
+        shutil.rmtree(holder, ignore_errors=True)
 
 
 def _convert_gguf_to_safetensors(gguf: Path, out_dir: Path) -> None:

@@ -33,13 +33,16 @@ def fingerprint(task_name: str, mode: str, run, generation) -> dict:
     }
 
 
-def load_finished(partial: Path, header: dict, rows: list) -> dict:
-    """{index: scored row} from a previous interrupted run, or {} if there is none or it does not match."""
+def load_finished(partial: Path, header: dict, rows: list, warn: bool = True) -> dict:
+    """{index: scored row} from a previous interrupted run, or {} if there is none or it does not match.
+
+    ``warn=False`` for a look ahead (the whole run's progress total), which the task repeats."""
     if not partial.exists():
         return {}
     records = read_jsonl(partial)
     if not records or records[0].get("header") != header:
-        print(f"warning: {partial} is from a different run; starting over", file=sys.stderr)
+        if warn:
+            print(f"warning: {partial} is from a different run; starting over", file=sys.stderr)
         return {}
     finished = {}
     for record in records[1:]:

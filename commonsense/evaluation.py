@@ -27,6 +27,7 @@ from commonsense.tasks import TASK_NAMES, get_task
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+# --model is only a label in file names: any plain name works; these are the ones the scripts use.
 MODEL_NAMES = ("LLaMA-7B", "LLaMA-13B", "LLaMA2-7B", "LLaMA3-8B", "SmolLM2-135M")
 MODE = "generate"  # the summary's "mode": free generation + regex, as the original
 LOGLIK = "loglik"  # rank the answer continuations by log-likelihood
@@ -63,6 +64,15 @@ def resolve_task_names(spec: str) -> list:
     return names
 
 
+def check_model_name(name: str) -> str:
+    """A --model label must be a safe part of a file name: no '/', '\\', '..', whitespace, control characters."""
+    name = str(name)
+    if not name or ".." in name or any(c in name for c in "/\\") or any(c.isspace() or not c.isprintable() for c in name):
+        raise EvaluationError(f"model name {name!r} is not a plain name for file names "
+                              "(no '/', '\\', '..', spaces or empty; e.g. LLaMA-7B or Qwen2-0.5B)")
+    return name
+
+
 def check_mode(mode: str) -> str:
     if mode not in MODES:
         raise EvaluationError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
@@ -87,6 +97,22 @@ def dataset_file(dataset_dir, task_name: str) -> Path:
 
 # --------------------------------------------------------------------------- evaluation loop
 
+def check_limit(limit) -> None:
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise EvaluationError(f"limit must be a positive integer, got {limit!r}")
+
+
+def limited(rows, limit) -> list:
+    """The first `limit` rows (all without a limit)."""
+    check_limit(limit)
+    return list(rows[:limit]) if limit is not None else list(rows)
+
+
+def resume_header(task_name: str, mode: str, run: "RunInfo", settings: GenerationSettings) -> dict:
+    """What a task's resume log must match (decoding settings do not affect loglik scores)."""
+    return fingerprint(task_name, mode, run, settings.to_dict() if mode == MODE else None)
+
+
 def make_batches(n_rows: int, batch_size: int) -> list:
     """Index lists [0..bs), [bs..2bs), ... as the original's create_batch."""
     return [list(range(start, min(start + batch_size, n_rows))) for start in range(0, n_rows, batch_size)]
@@ -107,6 +133,7 @@ def evaluate_task(
     verbose=False,
     progress=True,
     example_log=None,
+    run_bar=None,
 ) -> dict:
     """Evaluate one task; write the result JSON and its summary; return the summary.
 
@@ -119,6 +146,7 @@ def evaluate_task(
     `limit` keeps the first N rows. Finished examples are logged to
     `{out_path}.partial.jsonl` after each batch; a rerun with the same run
     settings skips them, and the log is removed once the result JSON is written.
+    `run_bar`, the whole run's progress bar (:func:`evaluate_tasks`), advances with each batch.
     """
     task = get_task(task_name)
     run = run or RunInfo()
@@ -126,17 +154,15 @@ def evaluate_task(
     check_mode(mode)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise EvaluationError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if limit is not None and (not isinstance(limit, int) or limit < 1):
-        raise EvaluationError(f"limit must be a positive integer, got {limit!r}")
-    rows = list(rows[:limit]) if limit is not None else list(rows)
+    rows = limited(rows, limit)
     if not rows:
         raise EvaluationError(f"{task.name}: no rows to evaluate")
 
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     partial = partial_path(out_path)
-    generation = settings.to_dict() if mode == MODE else None  # decoding does not affect loglik scores
-    header = fingerprint(task.name, mode, run, generation)
+    header = resume_header(task.name, mode, run, settings)
+    generation = header["generation"]
     finished = load_finished(partial, header, rows)
     restart_log(partial, header, finished)
     if finished:
@@ -165,6 +191,8 @@ def evaluate_task(
             kill_point("eval_batch", batch_number)  # test-only crash hook (tests/test_evaluation.py)
             done += len(todo)
             bar.update(len(todo))
+            if run_bar is not None:
+                run_bar.update(len(todo))
             # The original's running accuracy line (batch count, correct, fraction).
             tqdm.write(f"test:{batch_number}/{len(batches)} | accuracy {correct}  {correct / done}")
     finally:
@@ -172,6 +200,8 @@ def evaluate_task(
 
     results = [finished[i] for i in range(len(rows))]
     atomic_write_json(out_path, results, indent=4)
+    elapsed = time.perf_counter() - started
+    speed = (len(rows) - resumed) / elapsed if len(rows) > resumed and elapsed > 0 else None
     summary = {
         "model": run.model_name,
         "adapter": run.adapter,
@@ -189,14 +219,23 @@ def evaluate_task(
         **({"loglik": {"score": "sum of continuation token log-probs", "continuation": task.answer_template}}
            if mode == LOGLIK else {}),
         "resumed_examples": resumed,
-        "elapsed_s": round(time.perf_counter() - started, 3),
+        "elapsed_s": round(elapsed, 3),
+        "examples_per_s": None if speed is None else round(speed, 4),  # over the examples this run scored
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "output_file": out_path.name,
     }
     atomic_write_json(summary_path(out_path), summary, indent=4)
     partial.unlink(missing_ok=True)
-    print(f"{task.name}: accuracy {correct}/{len(rows)} = {correct / len(rows):.4f}")
+    print(f"{task.name}: accuracy {correct}/{len(rows)} = {correct / len(rows):.4f} ({speed_note(summary)})")
     return summary
+
+
+def speed_note(summary: dict) -> str:
+    """"12 examples in 3.4 s, 3.53 examples/s" (what this run scored, resumed examples left out)."""
+    new = summary["n"] - summary.get("resumed_examples", 0)
+    if not summary.get("examples_per_s"):
+        return "all examples resumed" if new == 0 else f"{new} examples in {summary['elapsed_s']:.1f} s"
+    return f"{new} examples in {summary['elapsed_s']:.1f} s, {summary['examples_per_s']:.3g} examples/s"
 
 
 def score_batch(model, tokenizer, task_name: str, rows: list, mode: str, settings: GenerationSettings) -> list:
@@ -239,14 +278,34 @@ def evaluate_tasks(
     """
     names = [get_task(name).name for name in task_names]
     rows_by_task = {name: load_rows(dataset_file(dataset_dir, name), task=name) for name in names}
+    settings = settings or GenerationSettings()
+    total, resumed = run_totals(rows_by_task, run=run, output_dir=output_dir, limit=limit, settings=settings, mode=mode)
+    # The whole run's bar and ETA (examples over all tasks), above each task's own bar; resumed
+    # examples count as done from the start, so the rate and ETA are this run's.
+    run_bar = tqdm(total=total, initial=resumed, desc=f"all {len(names)} tasks", unit="ex", position=0,
+                   disable=not progress or len(names) < 2, file=sys.stderr)
     summaries = []
-    for name in names:
-        log = tee_stdout(child_path(task_log_dir, f"{name}.txt", "task log name")) if task_log_dir \
-            else contextlib.nullcontext()
-        with log as log_file:
-            summaries.append(evaluate_task(
-                model, tokenizer, name, rows_by_task[name], batch_size, result_path(output_dir, run, name, mode),
-                limit=limit, run=run, settings=settings, mode=mode, verbose=verbose, progress=progress,
-                example_log=log_file,
-            ))
+    try:
+        for name in names:
+            log = tee_stdout(child_path(task_log_dir, f"{name}.txt", "task log name")) if task_log_dir \
+                else contextlib.nullcontext()
+            with log as log_file:
+                summaries.append(evaluate_task(
+                    model, tokenizer, name, rows_by_task[name], batch_size, result_path(output_dir, run, name, mode),
+                    limit=limit, run=run, settings=settings, mode=mode, verbose=verbose, progress=progress,
+                    example_log=log_file, run_bar=run_bar,
+                ))
+    finally:
+        run_bar.close()
     return summaries
+
+
+def run_totals(rows_by_task: dict, *, run: RunInfo, output_dir, limit, settings: GenerationSettings, mode: str):
+    """(examples in the whole run, examples its tasks' resume logs already hold), for the run's bar."""
+    total = resumed = 0
+    for name, rows in rows_by_task.items():
+        rows = limited(rows, limit)
+        partial = partial_path(result_path(output_dir, run, name, mode))
+        total += len(rows)
+        resumed += len(load_finished(partial, resume_header(name, mode, run, settings), rows, warn=False))
+    return total, resumed

@@ -23,8 +23,11 @@ WEIGHT_FILES = (
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 
 
-def check_model_folder(name_or_path) -> None:
-    """Raise ModelLoadError naming the folder when a local model folder cannot be what it claims."""
+def check_model_folder(name_or_path, need_tokenizer: bool = True) -> None:
+    """Raise ModelLoadError naming the folder when a local model folder cannot be what it claims.
+
+    ``need_tokenizer=False`` accepts a folder without tokenizer files (merge_adapter.py copies
+    the tokenizer only when the base has one)."""
     path = resolve_base_model(name_or_path)  # no config.json, unknown alias, hub id offline: its own errors
     folder = Path(path)
     if not folder.is_dir():
@@ -32,7 +35,7 @@ def check_model_folder(name_or_path) -> None:
     config = _read_config(folder)
     _check_causal_lm(folder, config)
     _check_weights(folder)
-    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+    if need_tokenizer and not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise ModelLoadError(f"{folder}: no tokenizer in the model folder (none of {', '.join(TOKENIZER_FILES)}); "
                              "copy the tokenizer files from where the model came from")
 

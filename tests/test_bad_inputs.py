@@ -222,8 +222,8 @@ CASES = [
     Case("evaluate batch size 0", "evaluate", lambda i, o: {"batch_size": "0"},
          "argument --batch_size: expected a positive integer, got 0"),
     Case("evaluate limit 0", "evaluate", lambda i, o: {"limit": "0"}, "argument --limit: expected a positive integer"),
-    Case("evaluate unknown model name", "evaluate", lambda i, o: {"model": "GPT-2"},
-         "argument --model: invalid choice: 'GPT-2'"),
+    Case("evaluate model name that is not a plain file-name part", "evaluate", lambda i, o: {"model": "../x"},
+         "argument --model: model name '../x' is not a plain name for file names"),
     Case("evaluate 8-bit and 4-bit at once", "evaluate", lambda i, o: {"load_8bit": True, "load_4bit": True},
          "choose one of --load_8bit and --load_4bit"),
     # training options: flags, adapters, counts, sizes and rates that make no sense

@@ -186,6 +186,64 @@ def test_evaluate_tasks_one_model_several_files(monkeypatch, tmp_path):
     assert (tmp_path / "exp" / "SmolLM2-135M-none-boolq.summary.json").exists()
 
 
+def test_the_whole_run_bar_counts_every_task_and_the_resumed_examples(monkeypatch, tmp_path, capsys):
+    """One bar (with an ETA) over all tasks' examples; what resume logs hold counts as done from the start."""
+    import re
+
+    import commonsense_evaluate
+
+    data, out = tmp_path / "dataset", tmp_path / "exp"
+    write_dataset(data, "boolq", boolq_rows(7))
+    write_dataset(data, "piqa", [{"instruction": f"pick #{i}", "input": "", "output": "", "answer": "solution1"}
+                                 for i in range(4)])
+    run = RunInfo("Qwen2-0.5B", "none")
+
+    def interrupted(m, t, instructions, s=None):  # boolq dies in its second batch: 2 examples logged
+        if any(i.endswith(("#2", "#3")) for i in instructions):
+            raise KeyboardInterrupt
+        return ["true"] * len(instructions)
+
+    monkeypatch.setattr(evaluation, "generate_responses", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_tasks(None, None, ["boolq", "piqa"], run=run, dataset_dir=data, output_dir=out, batch_size=2,
+                       limit=6, progress=False)
+    rows = {"boolq": boolq_rows(7), "piqa": json.loads((data / "piqa" / "test.json").read_text())}
+    totals = evaluation.run_totals(rows, run=run, output_dir=out, limit=6, settings=GenerationSettings(),
+                                   mode="generate")
+    assert totals == (6 + 4, 2)
+    assert evaluation.run_totals(rows, run=run, output_dir=out, limit=6, settings=GenerationSettings(),
+                                 mode="loglik") == (10, 0)  # another mode's log is not this run's
+    capsys.readouterr()
+
+    monkeypatch.setattr(evaluation, "generate_responses", lambda m, t, ins, s=None: ["solution1"] * len(ins))
+    summaries = evaluate_tasks(None, None, ["boolq", "piqa"], run=run, dataset_dir=data, output_dir=out,
+                               batch_size=2, limit=6, progress=True)
+    captured = capsys.readouterr()
+    counts = re.findall(r"all 2 tasks:\s*\d+%[^|]*\|[^|]*\| (\d+)/(\d+) \[[^<\]]*<", captured.err)
+    assert counts[0] == ("2", "10") and counts[-1] == ("10", "10")  # from the resumed 2, with an ETA
+    assert [s["resumed_examples"] for s in summaries] == [2, 0]
+    assert all(s["examples_per_s"] > 0 for s in summaries)
+    assert re.search(r"boolq: accuracy 1/6 = 0\.1667 \(4 examples in [\d.]+ s, [\d.e+]+ examples/s\)", captured.out)
+    assert (out / "Qwen2-0.5B-none-piqa.json").is_file()
+
+    commonsense_evaluate.print_table(summaries)
+    table = capsys.readouterr().out.splitlines()
+    assert table[1].split() == ["task", "n", "correct", "accuracy", "examples/s"]
+    assert table[2].split()[:4] == ["BoolQ", "6", "1", "16.7%"] and float(table[2].split()[4]) > 0
+
+
+def test_model_is_any_plain_name_for_the_file_names():
+    import commonsense_evaluate
+
+    base = ["--dataset", "boolq", "--adapter", "none", "--base_model", "x"]
+    assert commonsense_evaluate.parse_args(base + ["--model", "Qwen2-0.5B"]).model == "Qwen2-0.5B"
+    for name in evaluation.MODEL_NAMES:
+        assert commonsense_evaluate.parse_args(base + ["--model", name]).model == name
+    for bad in ("../x", "a/b", "a\\b", "", " ", "my model", "x..y"):
+        with pytest.raises(EvaluationError, match="is not a plain name"):
+            evaluation.check_model_name(bad)
+
+
 def test_resolve_task_names():
     assert resolve_task_names("all") == list(evaluation.TASK_NAMES)
     assert resolve_task_names("boolq, arc-easy,boolq") == ["boolq", "ARC-Easy"]
@@ -321,7 +379,7 @@ def test_cli_sigkill_mid_task_then_rerun_gives_the_uninterrupted_result(tiny, ti
     assert result.read_text() == (tmp_path / "reference" / result.name).read_text()
     summary = json.loads(summary_path(result).read_text())
     expected = json.loads(summary_path(tmp_path / "reference" / result.name).read_text())
-    volatile = ("resumed_examples", "elapsed_s", "finished_at")
+    volatile = ("resumed_examples", "elapsed_s", "examples_per_s", "finished_at")
     assert {k: v for k, v in summary.items() if k not in volatile} == \
         {k: v for k, v in expected.items() if k not in volatile}
     assert summary["resumed_examples"] == 4 and not partial_path(result).exists()

@@ -26,7 +26,7 @@ from peft.utils.hf_format import (
 )
 
 from hf_peft_subprocess import hf_peft_available, run_hf_script
-from tiny_llama import make_tiny_llama
+from tiny_llama import make_tiny_llama, randomize_adapter
 
 QKVUD = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 LLAMA_LINEARS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
@@ -49,18 +49,6 @@ HF_0_21_2_DORA_CONFIG = {
 
 def fresh_generator() -> torch.Generator:
     return torch.Generator().manual_seed(int(torch.seed() % 2**31))
-
-
-def randomize_adapter(model, g: torch.Generator):
-    """Non-zero B and a magnitude away from ||W||, so the adapter changes the outputs."""
-    with torch.no_grad():
-        for layer in model.base_model.adapter_layers():
-            if layer.r > 0:
-                layer.lora_B.weight.normal_(0, 0.2, generator=g)
-            if hasattr(layer, "weight_m_wdecomp"):
-                m = layer.weight_m_wdecomp.weight
-                m.mul_(1 + 0.2 * torch.randn(m.shape, generator=g))
-    return model
 
 
 def adapted_model(config, g=None):

@@ -18,3 +18,15 @@ def make_tiny_llama(seed: int = 0, kv_heads: int = 2, vocab: int = 96) -> LlamaF
         max_position_embeddings=64,
     )
     return LlamaForCausalLM(config).eval()
+
+
+def randomize_adapter(model, g: torch.Generator):
+    """Non-zero B and a magnitude away from ||W||, so the adapter changes the outputs."""
+    with torch.no_grad():
+        for layer in model.base_model.adapter_layers():
+            if layer.r > 0:
+                layer.lora_B.weight.normal_(0, 0.2, generator=g)
+            if hasattr(layer, "weight_m_wdecomp"):
+                m = layer.weight_m_wdecomp.weight
+                m.mul_(1 + 0.2 * torch.randn(m.shape, generator=g))
+    return model
