@@ -119,6 +119,32 @@ def test_the_default_preset_repeats_the_recorded_comparisons_commands():
             assert ("--eos_stop" in command) == (mode == "generate")
 
 
+def test_padded_length_is_the_mean_longest_row_of_a_micro_batch_rounded_to_8():
+    from commonsense.reproduce.estimate import padded_length
+
+    def tokenizer(text):  # a stub: "n=37" in the instruction makes a 37-token prompt
+        return {"input_ids": [0] * int(text.split("n=")[1].split()[0])}
+
+    rows = [{"instruction": f"n={n} ", "input": "", "output": "x"} for n in (37, 5, 20)]
+    assert padded_length(tokenizer, rows, micro_batch_size=3) == 40  # 37 + EOS -> 38 -> 40
+    assert padded_length(tokenizer, rows[:1] * 3 + [{"instruction": "n=400 ", "input": "", "output": "x"}], 4) == 256
+
+
+@pytest.mark.slow
+def test_the_estimates_measurement_runs_on_a_tiny_model(tmp_path, monkeypatch):
+    from tiny_models import build_tiny_llama
+
+    from commonsense.reproduce import estimate
+
+    tiny = build_tiny_llama(tmp_path / "tiny")
+    short = [{"instruction": f"Question {i}? Answer1: yes Answer2: no Answer format: answer1/answer2"} for i in range(3)]
+    monkeypatch.setattr(estimate, "read_test_set", lambda task, dataset_dir=None: short)
+    rows = [{"instruction": "word " * 20, "input": "", "output": "the correct answer is true"}] * 8
+    timing = estimate.measure_timing(str(tiny), ["loglik", "generate"], 2, 2, rows)
+    assert timing["step_s"] > 0 and timing["loglik_example_s"] > 0 and timing["generate_example_s"] > 0
+    assert timing["rank"] == 16 and timing["device"].startswith("the CPU") and 100 < timing["length"] <= 256
+
+
 # ---- the summaries over seeds -----------------------------------------------------------------
 def test_mean_and_sample_std_by_hand():
     mean, std = mean_std([0.5, 0.7])

@@ -1,11 +1,11 @@
-"""The dry run's measurement: a few training micro-batches and an evaluation batch, timed in-process.
+"""The dry run's measurement: a few training micro-batches and evaluation batches, timed in-process.
 
 The base model loads once. Training: forward + backward of micro-batches with a DoRA adapter
-(the first is a warm-up, not counted), as long as the data's micro-batches are padded on
-average (their longest row, within the recipe's cutoff, measured on a sample of the training
-rows); an optimizer step is that times the gradient accumulation. Evaluation: the evaluation's own functions on the
-first rows of each test set, with the adapter disabled (a merged adapter costs the same as
-the base model). Seconds per example, per optimizer step: an estimate, not a benchmark.
+(on a GPU after one warm-up), as long as the data's micro-batches are padded on average (their
+longest row, within the recipe's cutoff, measured on a sample of the training rows); an
+optimizer step is that times the gradient accumulation. Evaluation: the evaluation's own
+functions on the first rows of each test set, with the adapter disabled (a merged adapter
+costs what the base model costs). Seconds per step and per example: an estimate, not a benchmark.
 """
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ from commonsense.reproduce.plan import REPO_ROOT, task_names
 TIMED_MICRO_BATCHES = 2
 TIMING_RANK = 16
 SAMPLED_ROWS = 256
-CPU_EVAL_ROWS = 2
 
 
 def count_test_rows(dataset_dir=REPO_ROOT / "dataset") -> dict:
@@ -101,18 +100,17 @@ def measure_timing(base_model: str, modes, micro_batch_size: int, eval_batch_siz
 
 def _eval_example_seconds(model, tokenizer, mode: str, batch_size: int, cuda: bool) -> float:
     """Seconds per example: a batch of each test set's first rows (loglik), or one batch mixing the
-    test sets' first rows (generate, beams stopped at EOS as the grid evaluates). On a CPU, where
-    time grows with the batch, batches of CPU_EVAL_ROWS keep the measurement short."""
+    test sets' first rows (generate, beams stopped at EOS as the grid evaluates). Batches of the
+    evaluation's size: smaller ones cost more per example."""
     from commonsense.evaluation import GenerationSettings, generate_responses, score_choices
 
-    rows = batch_size if cuda else min(batch_size, CPU_EVAL_ROWS)
-    firsts = {task: [row["instruction"] for row in read_test_set(task)[:rows]] for task in task_names()}
+    firsts = {task: [row["instruction"] for row in read_test_set(task)[:batch_size]] for task in task_names()}
     if mode == "loglik":
         if cuda:
             score_choices(model, tokenizer, "piqa", firsts["piqa"][:1])  # warm-up
         seconds = sum(_timed(lambda: score_choices(model, tokenizer, task, texts), cuda)
                       for task, texts in firsts.items())
         return seconds / sum(len(texts) for texts in firsts.values())
-    mixed = [texts[i] for i in range(rows) for texts in firsts.values() if i < len(texts)][:batch_size]
+    mixed = [texts[i] for i in range(batch_size) for texts in firsts.values() if i < len(texts)][:batch_size]
     seconds = _timed(lambda: generate_responses(model, tokenizer, mixed, GenerationSettings(stop_at_eos=True)), cuda)
     return seconds / len(mixed)
