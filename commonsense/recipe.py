@@ -13,14 +13,23 @@ TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 BATCH_SIZE = 16  # the global batch; micro batches x gradient accumulation
 CUTOFF_LEN = 256
 LORA_DROPOUT = 0.05
-# The seed's SmolLM2 / LLaMA2-7B learning rates per adapter kind (LLaMA3-8B's DoRA uses 1e-4).
-LEARNING_RATE = {"lora": 3e-4, "dora": 2e-4}
+# The seed's learning rates per method (its SmolLM2 / LLaMA-7B / LLaMA2-7B scripts; LLaMA3-8B's DoRA
+# uses 1e-4). FT: 2e-5, the usual full fine-tuning rate for LLaMA-class models; the seed gives none.
+LEARNING_RATE = {"lora": 3e-4, "dora": 2e-4, "ft": 2e-5}
+# Exceptions by rank: the seed README's LLaMA-7B rank table lists DoRA r32 (78.4) at 1e-4, although
+# its llama_7B_Dora.sh passes 2e-4 whatever the rank.
+RANK_LEARNING_RATE = {("dora", 32): 1e-4}
 EPOCHS = 3
 WARMUP_STEPS = 100
 VAL_SET_SIZE = 120
 EVAL_STEP = 80  # evaluation and checkpoint interval
 LOGGING_STEPS = 10
 MIX_ROWS = 170_420  # commonsense_170k.json
+
+
+def default_learning_rate(method: str, r=None) -> float:
+    """The seed's lr for a method at a rank (the LLaMA-7B rank table's rule); FT has no rank."""
+    return RANK_LEARNING_RATE.get((method, r), LEARNING_RATE[method])
 
 
 def lora_alpha(r: int) -> int:

@@ -1,38 +1,46 @@
-"""The paper's LoRA-vs-DoRA commonsense comparison, rerun on SmolLM2-135M-Instruct with one command.
+"""The paper's LoRA-vs-DoRA commonsense comparison as a grid: methods x ranks x lrs x seeds, over the GPUs.
 
-Runs (``--runs``, default all four): the base model alone; LoRA r=32 (alpha 64, lr 3e-4, as the
-seed's LoRA rows); DoRA r=16 and r=32 (alpha 2r, lr 2e-4, as the seed's DoRA scripts). Every
-adapter is trained with the seed's recipe (``commonsense.recipe``: global batch 16, cutoff 256,
-dropout 0.05, targets q/k/v/up/down, AdamW with linear warmup and decay) by the project's own
-``finetune.py`` in a subprocess, and every model is evaluated on the eight test sets by
-``commonsense_evaluate.py`` in both modes (``generate``, the original protocol, and ``loglik``).
+Runs: ``--methods lora dora [ft] [base]`` at ``--ranks`` (alpha 2r), ``--lrs`` (default the seed's
+rule in ``commonsense.recipe``: LoRA 3e-4, DoRA 2e-4 but r32 1e-4, FT 2e-5) and ``--seeds``
+(finetune.py's --seed; the training data stays fixed by ``--data_seed``), or an explicit
+``--runs`` list. The default is the recorded SmolLM2 comparison: base, LoRA r32, DoRA r16 and
+DoRA r32 at 2e-4, seed 42 (``reproduce_smollm2.sh``). Every run is trained with the seed's recipe
+(global batch 16, cutoff 256, dropout 0.05, targets q/k/v/up/down, AdamW with linear warmup and
+decay) by the project's own ``finetune.py`` in a subprocess and evaluated on the eight test sets
+by ``commonsense_evaluate.py`` in ``--modes`` generate and/or loglik.
 
 Scale:
-  * default (CPU): a fixed uniform random sample of ``--train_rows`` rows (seeded) of the full
-    commonsense mix built from ``--source_dir`` (as ``python -m commonsense.data build``), and
-    the first ``--eval_limit_generate`` / ``--eval_limit_loglik`` rows of each test set;
-  * ``--full`` (GPU): the whole mix, the full test sets, and the seed's validation split (120 rows,
-    evaluated every 80 steps, best checkpoint kept).
-The seed trained 3 epochs; ``--num_epochs`` defaults to 1 here (recorded in the report).
+  * default (CPU): a fixed uniform random sample of ``--train_rows`` rows (data seed) of the full
+    commonsense mix built from ``--source_dir`` (as ``python -m commonsense.data build``), one
+    epoch, and the first ``--eval_limit_generate`` / ``--eval_limit_loglik`` rows of each test set;
+  * ``--full`` (GPU): the whole mix, 3 epochs, the seed's validation split (120 rows, evaluated
+    every 80 steps, best checkpoint kept) and the full test sets.
+
+Scheduling: ``--gpus 0,1,2,3`` runs one training or evaluation per GPU at a time
+(``--gpus_per_run N``: trainings over N GPUs with DDP); without it, one job at a time. A failed
+job is retried once, then reported; a rerun skips what is done and resumes what was cut off;
+``OUTPUT_DIR/grid_record.json`` records every attempt. ``--dry_run`` prints the plan and a
+measured estimate of its time.
 
 Outputs: per run, ``OUTPUT_DIR/<run>/`` (adapter, logs, evaluation files, ``summary.json``); then
-``REPORT_DIR/reproduction.json`` (every number the report uses), ``reproduction.md`` (tables in
-the seed's layout with the paper's rows, 95% intervals, wall time and peak memory) and
-``reproduction_loss.png``. A finished step is skipped on rerun (interrupted training resumes from
-its last checkpoint, an interrupted evaluation from its per-example log); ``--fresh`` starts over;
-``--report_only`` rebuilds the report from ``reproduction.json`` alone.
-
-    python -m commonsense.reproduce [--train_rows 256] [--eval_limit_generate 16] [--eval_limit_loglik 64]
-    python -m commonsense.reproduce --full            # on a GPU machine
+``REPORT_DIR/reproduction.json`` (every number), ``reproduction.md`` (the rank table with mean ±
+std over seeds beside the paper's, paired DoRA − LoRA differences, each run with its interval,
+wall time and peak memory), ``reproduction_rank.png`` (average vs rank) and
+``reproduction_loss.png``. ``--fresh`` starts over; ``--report_only`` rebuilds the report from
+``reproduction.json`` alone. docs/grid.md has the GPU command.
 
 The modules, in the order the data flows:
 
-* ``plan``: what to run -- the runs (:class:`~.plan.RunSpec`), the settings that change results
+* ``plan``: one run (:class:`~.plan.RunSpec`), the settings a folder's runs share
   (:class:`~.plan.Settings`) and each run's ``finetune.py`` / ``commonsense_evaluate.py`` arguments;
+* ``grid``: the axes as runs, the runs as jobs, the dry run's plan and estimate (pure);
+* ``estimate``: the dry run's short measured step;
 * ``training_data``: the mix and its seeded subset;
-* ``measured``: a child process with its wall time and peak memory;
-* ``runner``: the output folder, and each run trained and evaluated (skipping what is done);
+* ``measured``: a child process with its wall time and peak memory (DDP launch included);
+* ``scheduler``: the jobs over the GPUs, retries and the grid record;
+* ``runner``: the output folder, each run's training and evaluations as jobs, the report after each;
 * ``stats``: the macro average's interval and the paired difference's;
-* ``paper`` and ``report``: the paper's rows, and the JSON, markdown and loss chart;
+* ``paper``, ``rank_table`` and ``report``: the paper's rows, the summaries over seeds, and the
+  JSON, markdown and charts;
 * ``cli``: the command line (``__main__`` runs it).
 """

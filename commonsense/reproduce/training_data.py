@@ -66,13 +66,13 @@ def prepare_training_data(out: Path, settings: Settings) -> dict:
     data_dir.mkdir(parents=True, exist_ok=True)
     mix_path = data_dir / "commonsense_mix.json"
     print(f"building the commonsense mix from {settings.source_dir}", flush=True)
-    mix_counts = build_mix(settings.source_dir, mix_path, seed=settings.seed)
+    mix_counts = build_mix(settings.source_dir, mix_path, seed=settings.data_seed)
     record = {"mix_path": str(mix_path), "mix_rows": sum(mix_counts.values()), "mix_per_task": mix_counts}
     if settings.full:
         record.update(path=str(mix_path), rows=record["mix_rows"], per_task=mix_counts)
     else:
-        subset = sample_rows(load_rows(mix_path), settings.train_rows, settings.seed)
-        subset_path = data_dir / f"train_subset_{settings.train_rows}_seed{settings.seed}.json"
+        subset = sample_rows(load_rows(mix_path), settings.train_rows, settings.data_seed)
+        subset_path = data_dir / f"train_subset_{settings.train_rows}_seed{settings.data_seed}.json"
         atomic_write_json(subset_path, subset, indent=4)
         record.update(path=str(subset_path), rows=len(subset),
                       per_task=count_tasks(subset, task_index(settings.source_dir)))
@@ -80,3 +80,22 @@ def prepare_training_data(out: Path, settings: Settings) -> dict:
     record["hellaswag_train_is_approximate"] = not (hellaswag / "train.json").exists()
     atomic_write_json(record_path, record, indent=2)
     return record
+
+
+def planned_rows(out: Path, settings: Settings) -> int:
+    """The training data's rows without building it (the dry run): recorded, the subset, or the mix."""
+    from commonsense.data import load_rows, train_file
+
+    record_path = out / "data" / "train_data.json"
+    if record_path.exists():
+        return json.loads(record_path.read_text(encoding="utf-8"))["rows"]
+    if not settings.full:
+        return settings.train_rows
+    return sum(len(load_rows(train_file(settings.source_dir, name))) for name in task_names())
+
+
+def source_rows(settings: Settings) -> list:
+    """Every training row of the source folder (the mix, unshuffled): the dry run samples its lengths."""
+    from commonsense.data import load_rows, train_file
+
+    return [row for name in task_names() for row in load_rows(train_file(settings.source_dir, name))]
