@@ -1,7 +1,7 @@
 """The dry run's measurement: a few training micro-batches and evaluation batches, timed in-process.
 
 The base model loads once. Training: forward + backward of micro-batches with a DoRA adapter
-(on a GPU after one warm-up), as long as the data's micro-batches are padded on average (their
+(after one warm-up), as long as the data's micro-batches are padded on average (their
 longest row, within the recipe's cutoff, measured on a sample of the training rows); an
 optimizer step is that times the gradient accumulation. Evaluation: the evaluation's own
 functions on the first rows of each test set, with the adapter disabled (a merged adapter
@@ -83,8 +83,7 @@ def measure_timing(base_model: str, modes, micro_batch_size: int, eval_batch_siz
         loss.backward()
 
     model.train()
-    if cuda:
-        micro_batch()  # warm-up: allocations, kernel choice (a CPU has little to warm up; its steps are slow)
+    micro_batch()  # warm-up: allocations, kernel choice (on a CPU too: its first step ran up to 1.6x slower)
     micro_s = sum(_timed(micro_batch, cuda) for _ in range(TIMED_MICRO_BATCHES)) / TIMED_MICRO_BATCHES
     model.zero_grad(set_to_none=True)
     timing = {"step_s": micro_s * recipe.BATCH_SIZE / micro_batch_size, "rank": TIMING_RANK, "length": length,
@@ -102,7 +101,8 @@ def _eval_example_seconds(model, tokenizer, mode: str, batch_size: int, cuda: bo
     """Seconds per example: a batch of each test set's first rows (loglik), or one batch mixing the
     test sets' first rows (generate, beams stopped at EOS as the grid evaluates). Batches of the
     evaluation's size: smaller ones cost more per example."""
-    from commonsense.evaluation import GenerationSettings, generate_responses, score_choices
+    from commonsense.generation import GenerationSettings, generate_responses
+    from commonsense.loglik import score_choices
 
     firsts = {task: [row["instruction"] for row in read_test_set(task)[:batch_size]] for task in task_names()}
     if mode == "loglik":
