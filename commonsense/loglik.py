@@ -72,6 +72,26 @@ def choice_sequences(tokenizer, task, instruction: str):
     return first[:shared], [(label, ids[shared:], len(ids) - start) for label, ids, start in choices]
 
 
+# On a CPU a padded token costs as much as a real one, and batching saves little; on an
+# accelerator a wider batch is nearly free. So on a CPU the prompts of a batch are split into
+# groups of similar length whose padding stays under this fraction of their real tokens.
+CPU_PADDING_SLACK = 0.1
+
+
+def length_groups(lengths, slack):
+    """Indices grouped by descending length so that each group's padding <= slack x its tokens."""
+    groups = []
+    for index in sorted(range(len(lengths)), key=lambda k: -lengths[k]):
+        group = groups[-1] if groups else None
+        if group is not None:
+            real = sum(lengths[k] for k in group) + lengths[index]
+            if (len(group) + 1) * lengths[group[0]] <= (1 + slack) * real:
+                group.append(index)
+                continue
+        groups.append([index])
+    return groups
+
+
 def score_choices(model, tokenizer, task_name: str, instructions) -> list:
     """Log-likelihood of each valid answer continuation, for a batch of instructions.
 
@@ -82,15 +102,31 @@ def score_choices(model, tokenizer, task_name: str, instructions) -> list:
     differ and a per-token mean would just dilute the difference by a constant-ish
     length.
 
-    Two forwards per batch. The prompts (each instruction's shared part,
-    :func:`choice_sequences`) run once, left-padded, keeping their KV cache; the cache is
-    repeated per choice and all choices' short tails run in one right-padded forward on top
-    of it. Attention masks and explicit position ids keep padding out of the scores, which
-    equal a separate unpadded forward of each whole sequence up to float rounding.
+    Each instruction's prompt runs once, not once per choice (:func:`_score_group`).
+    The scores equal a separate unpadded forward of each whole sequence up to float
+    rounding, whatever the batch and its grouping.
     """
     task = get_task(task_name)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     examples = [choice_sequences(tokenizer, task, instruction) for instruction in instructions]
+    if model_device(model).type == "cpu":
+        groups = length_groups([len(shared) for shared, _ in examples], CPU_PADDING_SLACK)
+    else:
+        groups = [list(range(len(examples)))]
+    results = [None] * len(examples)
+    for group in groups:
+        for index, scores in zip(group, _score_group(model, tokenizer, [examples[k] for k in group])):
+            results[index] = scores
+    return results
+
+
+def _score_group(model, tokenizer, examples) -> list:
+    """Scores for :func:`choice_sequences` outputs, in two forwards.
+
+    The shared prompts run once, left-padded, keeping their KV cache; the cache is repeated
+    per choice and all choices' short tails run in one right-padded forward on top of it.
+    Attention masks and explicit position ids keep padding out of the scores.
+    """
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = model_device(model)
     keep_one = {"logits_to_keep": 1} if _supports_logits_to_keep(model) else {}
 
@@ -125,7 +161,7 @@ def score_choices(model, tokenizer, task_name: str, instructions) -> list:
     logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # fp32 even for fp16 models
     # Output t of a tail predicts its token t+1.
     token_logprobs = logprobs.gather(-1, tail_ids[:, 1:].unsqueeze(-1).to(logprobs.device)).squeeze(-1).cpu()
-    results = [{} for _ in instructions]
+    results = [{} for _ in examples]
     row = 0
     for i, (_, choices) in enumerate(examples):
         for label, tail, n in choices:

