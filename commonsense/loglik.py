@@ -44,8 +44,10 @@ def continuation_ids(tokenizer, prompt: str, continuation: str):
 def _supports_logits_to_keep(model) -> bool:
     import inspect
 
+    # A peft wrapper (a quantized base keeps its adapter unmerged) passes kwargs through to its base.
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
     except (TypeError, ValueError):
         return False
 

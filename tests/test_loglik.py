@@ -140,6 +140,27 @@ def test_shared_prompt_equals_per_choice_on_every_task(tiny, grouping):
         assert_same_as_per_choice(model, tokenizer, name, instructions, [1, 3])
 
 
+def test_unmerged_adapter_scores_like_the_reference(tiny):
+    """A peft wrapper (how a quantized base is evaluated): kwargs pass through, logits_to_keep is seen."""
+    from peft import DoraConfig, get_peft_model
+
+    model, tokenizer = load_model_for_eval(str(tiny[0]), adapter="none")  # a fresh copy: peft edits it in place
+    wrapped = get_peft_model(model, DoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                               task_type="CAUSAL_LM")).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():  # lora_B starts at zero; make the adapter change the output
+        for name, param in wrapped.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    assert loglik._supports_logits_to_keep(wrapped)
+    instructions = PIQA[:3]
+    assert_scores_match("piqa", score_choices(wrapped, tokenizer, "piqa", instructions),
+                        score_choices_per_choice(wrapped, tokenizer, "piqa", instructions))
+    plain = score_choices(tiny[1], tiny[2], "piqa", instructions)
+    assert any(abs(plain[0][k]["sum"] - v["sum"]) > 1e-3 for k, v in
+               score_choices(wrapped, tokenizer, "piqa", instructions)[0].items())  # the adapter acts
+
+
 def test_length_groups_bound_the_padding():
     lengths = [100, 12, 98, 50, 13, 95, 49, 200]
     groups = length_groups(lengths, 0.1)
