@@ -9,6 +9,7 @@ and the speedup over (a), which always runs:
   (b) batched    batch B, 4 beams, stop at EOS (--eos_stop; the default is (c)'s 32 tokens)
   (c) batched    batch B, 4 beams, no EOS stop -- must give exactly (a)'s
                  predictions (batching is exact); the number of differences is printed
+  (h) batched    as (c), the rows taken longest prompt first (less padding); must equal (a)
   (d) loglik     batch B, shared prompt (commonsense.loglik.score_choices)
   (e) loglik     batch B, per choice: the whole prompt once per choice, as before the
                  shared prompt (tests/loglik_reference.py)
@@ -46,20 +47,28 @@ from commonsense.evaluation import dataset_file, resolve_task_names  # noqa: E40
 from commonsense.generation import GenerationSettings, generate_responses, score_row  # noqa: E402
 from commonsense.loglik import score_choices, score_row_loglik  # noqa: E402
 from commonsense.machine import machine_info  # noqa: E402
+from commonsense.prompts import evaluation_prompt  # noqa: E402
 from harness import DEFAULT_RESULTS_DIR, write_result  # noqa: E402
 from loglik_reference import score_choices_per_choice  # noqa: E402
 
 
-def run_generate(model, tokenizer, data, batch_size, settings):
-    """Predictions {(task, index): pred} and elapsed seconds for generation-based evaluation."""
+def run_generate(model, tokenizer, data, batch_size, settings, sort_by_length=False):
+    """Predictions {(task, index): pred} and elapsed seconds for generation-based evaluation.
+
+    With sort_by_length the batches take the rows longest prompt first (less padding);
+    predictions stay keyed by the row's index.
+    """
     preds = {}
     started = time.perf_counter()
     for task, rows in data.items():
+        order = list(range(len(rows)))
+        if sort_by_length:
+            order.sort(key=lambda i: -len(evaluation_prompt(rows[i]["instruction"])))
         for start in range(0, len(rows), batch_size):
-            batch = rows[start:start + batch_size]
-            responses = generate_responses(model, tokenizer, [r["instruction"] for r in batch], settings)
-            for offset, (row, response) in enumerate(zip(batch, responses)):
-                preds[(task, start + offset)] = score_row(task, row, response)
+            batch = order[start:start + batch_size]
+            responses = generate_responses(model, tokenizer, [rows[i]["instruction"] for i in batch], settings)
+            for index, response in zip(batch, responses):
+                preds[(task, index)] = score_row(task, rows[index], response)
     return preds, time.perf_counter() - started
 
 
@@ -81,7 +90,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tasks", default="boolq,piqa")
     parser.add_argument("--limit", type=int, default=16, help="first N rows of each task")
     parser.add_argument("--batch_size", type=int, default=8, help="batch size of (b), (c) and (d)")
-    parser.add_argument("--configs", default="a,b,c,d,e,f,g", help="which settings to run; (a) always runs")
+    parser.add_argument("--configs", default="a,b,c,d,e,f,g,h", help="which settings to run; (a) always runs")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--dataset_dir", default=str(REPO_ROOT / "dataset"))
     parser.add_argument("--out", default=str(DEFAULT_RESULTS_DIR / "eval_speed_cpu.json"))
@@ -107,6 +116,8 @@ def main(argv=None) -> int:
         ("b", f"batched: batch {B}, 4 beams, EOS stop (--eos_stop)", "generate", B,
          GenerationSettings(stop_at_eos=True)),
         ("c", f"batched: batch {B}, 4 beams, no EOS stop", "generate", B, GenerationSettings(stop_at_eos=False)),
+        ("h", f"batched: batch {B}, 4 beams, no EOS stop, length-sorted", "generate-sorted", B,
+         GenerationSettings(stop_at_eos=False)),
         ("d", f"loglik: batch {B}, shared prompt", "loglik", B, None),
         ("e", f"loglik: batch {B}, per choice (before)", "loglik-per-choice", B, None),
         ("f", "loglik: batch 1, shared prompt", "loglik", 1, None),
@@ -125,7 +136,8 @@ def main(argv=None) -> int:
             preds, elapsed = run_loglik(model, tokenizer, data, batch_size, scorer)
             scores[key] = [preds[k]["scores"] for k in sorted(preds)]
         else:
-            preds, elapsed = run_generate(model, tokenizer, data, batch_size, settings)
+            preds, elapsed = run_generate(model, tokenizer, data, batch_size, settings,
+                                          sort_by_length=mode == "generate-sorted")
         results[key] = {"label": label, "mode": mode, "batch_size": batch_size,
                         "generation": None if settings is None else settings.to_dict(),
                         "elapsed_s": round(elapsed, 3), "examples_per_s": n / elapsed,
@@ -138,9 +150,10 @@ def main(argv=None) -> int:
         return sum(results[other]["preds"][k]["pred"] != results[against]["preds"][k]["pred"] for k in keys)
 
     diffs = {f"{key}_vs_a_pred": differences(key) for key in results if key != "a"}
-    if "c" in results:  # (c) must equal (a) answer by answer; compare the full generated text too.
-        diffs["c_vs_a_output_text"] = sum(results["c"]["preds"][k]["output_pred"] != base["preds"][k]["output_pred"]
-                                          for k in keys)
+    for key in ("c", "h"):  # must equal (a) answer by answer; compare the full generated text too
+        if key in results:
+            diffs[f"{key}_vs_a_output_text"] = sum(
+                results[key]["preds"][k]["output_pred"] != base["preds"][k]["output_pred"] for k in keys)
     for shared, per_choice in (("d", "e"), ("f", "g")):  # the shared prompt must not change any loglik answer
         if shared in results and per_choice in results:
             diffs[f"{shared}_vs_{per_choice}_pred"] = differences(per_choice, shared)
@@ -156,7 +169,7 @@ def main(argv=None) -> int:
               f"{r['examples_per_s'] / base['examples_per_s']:>7.2f}x {100 * r['accuracy']:>5.1f}%")
     for key in (k for k in ("d", "f") if f"{k}_vs_a_pred" in diffs):
         print(f"({key}) shared-prompt loglik: {results[key]['examples_per_s'] / base['examples_per_s']:.2f}x (a)")
-    print("differences (c vs a and shared vs per-choice loglik should be 0): "
+    print("differences (c and h vs a, shared vs per-choice loglik should be 0): "
           + ", ".join(f"{k} {v:.2g}" if isinstance(v, float) else f"{k} {v}" for k, v in diffs.items()))
     for shared, per_choice in (("d", "e"), ("f", "g")):
         if shared in results and per_choice in results:
