@@ -1,20 +1,29 @@
 """Evaluation throughput: the original generation protocol vs batched generation vs loglik.
 
 Runs one model over a fixed slice (default: the first 16 rows of boolq and of
-piqa) under four settings and reports examples/s and the speedup over (a):
+piqa) under the chosen settings (``--configs``, default all) and reports examples/s
+and the speedup over (a), which always runs:
 
   (a) original   batch 1, 4 beams, no EOS stop (always 32 new tokens, as
                  transformers 4.36 did in the original code)
   (b) batched    batch B, 4 beams, stop at EOS (--eos_stop; the default is (c)'s 32 tokens)
   (c) batched    batch B, 4 beams, no EOS stop -- must give exactly (a)'s
                  predictions (batching is exact); the number of differences is printed
-  (d) loglik     batch B examples per forward (each expanded to its choices)
+  (h) batched    as (c), the rows taken longest prompt first (less padding); must equal (a)
+  (d) loglik     batch B, shared prompt (commonsense.loglik.score_choices)
+  (e) loglik     batch B, per choice: the whole prompt once per choice, as before the
+                 shared prompt (tests/loglik_reference.py)
+  (f) loglik     batch 1, shared prompt
+  (g) loglik     batch 1, per choice
+
+The loglik predictions must agree between shared and per-choice at each batch size;
+the differences and the largest score difference are printed.
 
 (b) may legitimately differ from (a): stopping at EOS changes which beams win
 when a finished beam would otherwise keep being extended. Model loading and a
 small warm-up are excluded from the timings.
 
-    python benchmarks/eval_speed.py --base_model smollm2-135m [--tasks boolq,piqa] [--limit 16]
+    python benchmarks/eval_speed.py --base_model smollm2-135m [--tasks boolq,piqa] [--limit 16] [--configs a,d,e,f,g] [--threads 1]
 
 Writes benchmarks/results/eval_speed_cpu.json (``--out``).
 """
@@ -28,6 +37,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "peft" / "src"))  # the vendored fork first, as the entry scripts do
 sys.path.insert(1, str(REPO_ROOT))
+sys.path.insert(2, str(REPO_ROOT / "tests"))  # the per-choice reference scorer
 
 import torch  # noqa: E402
 
@@ -37,29 +47,38 @@ from commonsense.evaluation import dataset_file, resolve_task_names  # noqa: E40
 from commonsense.generation import GenerationSettings, generate_responses, score_row  # noqa: E402
 from commonsense.loglik import score_choices, score_row_loglik  # noqa: E402
 from commonsense.machine import machine_info  # noqa: E402
+from commonsense.prompts import evaluation_prompt  # noqa: E402
 from harness import DEFAULT_RESULTS_DIR, write_result  # noqa: E402
+from loglik_reference import score_choices_per_choice  # noqa: E402
 
 
-def run_generate(model, tokenizer, data, batch_size, settings):
-    """Predictions {(task, index): pred} and elapsed seconds for generation-based evaluation."""
+def run_generate(model, tokenizer, data, batch_size, settings, sort_by_length=False):
+    """Predictions {(task, index): pred} and elapsed seconds for generation-based evaluation.
+
+    With sort_by_length the batches take the rows longest prompt first (less padding);
+    predictions stay keyed by the row's index.
+    """
     preds = {}
     started = time.perf_counter()
     for task, rows in data.items():
+        order = list(range(len(rows)))
+        if sort_by_length:
+            order.sort(key=lambda i: -len(evaluation_prompt(rows[i]["instruction"])))
         for start in range(0, len(rows), batch_size):
-            batch = rows[start:start + batch_size]
-            responses = generate_responses(model, tokenizer, [r["instruction"] for r in batch], settings)
-            for offset, (row, response) in enumerate(zip(batch, responses)):
-                preds[(task, start + offset)] = score_row(task, row, response)
+            batch = order[start:start + batch_size]
+            responses = generate_responses(model, tokenizer, [rows[i]["instruction"] for i in batch], settings)
+            for index, response in zip(batch, responses):
+                preds[(task, index)] = score_row(task, rows[index], response)
     return preds, time.perf_counter() - started
 
 
-def run_loglik(model, tokenizer, data, batch_size):
+def run_loglik(model, tokenizer, data, batch_size, scorer=score_choices):
     preds = {}
     started = time.perf_counter()
     for task, rows in data.items():
         for start in range(0, len(rows), batch_size):
             batch = rows[start:start + batch_size]
-            all_scores = score_choices(model, tokenizer, task, [r["instruction"] for r in batch])
+            all_scores = scorer(model, tokenizer, task, [r["instruction"] for r in batch])
             for offset, (row, scores) in enumerate(zip(batch, all_scores)):
                 preds[(task, start + offset)] = score_row_loglik(task, row, scores)
     return preds, time.perf_counter() - started
@@ -71,10 +90,15 @@ def main(argv=None) -> int:
     parser.add_argument("--tasks", default="boolq,piqa")
     parser.add_argument("--limit", type=int, default=16, help="first N rows of each task")
     parser.add_argument("--batch_size", type=int, default=8, help="batch size of (b), (c) and (d)")
+    parser.add_argument("--configs", default="a,b,c,d,e,f,g,h", help="which settings to run; (a) always runs")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--dataset_dir", default=str(REPO_ROOT / "dataset"))
     parser.add_argument("--out", default=str(DEFAULT_RESULTS_DIR / "eval_speed_cpu.json"))
     args = parser.parse_args(argv)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    wanted = set(args.configs.split(",")) | {"a"}
     tasks = resolve_task_names(args.tasks)
     data = {t: load_rows(dataset_file(args.dataset_dir, t), task=t)[:args.limit] for t in tasks}
     n = sum(len(rows) for rows in data.values())
@@ -92,15 +116,28 @@ def main(argv=None) -> int:
         ("b", f"batched: batch {B}, 4 beams, EOS stop (--eos_stop)", "generate", B,
          GenerationSettings(stop_at_eos=True)),
         ("c", f"batched: batch {B}, 4 beams, no EOS stop", "generate", B, GenerationSettings(stop_at_eos=False)),
-        ("d", f"loglik: batch {B}", "loglik", B, None),
+        ("h", f"batched: batch {B}, 4 beams, no EOS stop, length-sorted", "generate-sorted", B,
+         GenerationSettings(stop_at_eos=False)),
+        ("d", f"loglik: batch {B}, shared prompt", "loglik", B, None),
+        ("e", f"loglik: batch {B}, per choice (before)", "loglik-per-choice", B, None),
+        ("f", "loglik: batch 1, shared prompt", "loglik", 1, None),
+        ("g", "loglik: batch 1, per choice (before)", "loglik-per-choice", 1, None),
     ]
-    results = {}
+    unknown = wanted - {key for key, *_ in configs}
+    if unknown:
+        parser.error(f"unknown --configs {','.join(sorted(unknown))}")
+    results, scores = {}, {}
     for key, label, mode, batch_size, settings in configs:
+        if key not in wanted:
+            continue
         print(f"running ({key}) {label} ...", file=sys.stderr, flush=True)
-        if mode == "loglik":
-            preds, elapsed = run_loglik(model, tokenizer, data, batch_size)
+        if mode.startswith("loglik"):
+            scorer = score_choices if mode == "loglik" else score_choices_per_choice
+            preds, elapsed = run_loglik(model, tokenizer, data, batch_size, scorer)
+            scores[key] = [preds[k]["scores"] for k in sorted(preds)]
         else:
-            preds, elapsed = run_generate(model, tokenizer, data, batch_size, settings)
+            preds, elapsed = run_generate(model, tokenizer, data, batch_size, settings,
+                                          sort_by_length=mode == "generate-sorted")
         results[key] = {"label": label, "mode": mode, "batch_size": batch_size,
                         "generation": None if settings is None else settings.to_dict(),
                         "elapsed_s": round(elapsed, 3), "examples_per_s": n / elapsed,
@@ -109,23 +146,35 @@ def main(argv=None) -> int:
     base = results["a"]
     keys = sorted(base["preds"])
 
-    def differences(other):
-        return sum(results[other]["preds"][k]["pred"] != base["preds"][k]["pred"] for k in keys)
+    def differences(other, against="a"):
+        return sum(results[other]["preds"][k]["pred"] != results[against]["preds"][k]["pred"] for k in keys)
 
-    # (c) must equal (a) answer by answer; compare the full generated text too.
-    c_text_diffs = sum(results["c"]["preds"][k]["output_pred"] != base["preds"][k]["output_pred"] for k in keys)
-    diffs = {"c_vs_a_pred": differences("c"), "c_vs_a_output_text": c_text_diffs,
-             "b_vs_a_pred": differences("b"), "d_vs_a_pred": differences("d")}
+    diffs = {f"{key}_vs_a_pred": differences(key) for key in results if key != "a"}
+    for key in ("c", "h"):  # must equal (a) answer by answer; compare the full generated text too
+        if key in results:
+            diffs[f"{key}_vs_a_output_text"] = sum(
+                results[key]["preds"][k]["output_pred"] != base["preds"][k]["output_pred"] for k in keys)
+    for shared, per_choice in (("d", "e"), ("f", "g")):  # the shared prompt must not change any loglik answer
+        if shared in results and per_choice in results:
+            diffs[f"{shared}_vs_{per_choice}_pred"] = differences(per_choice, shared)
+            diffs[f"{shared}_vs_{per_choice}_max_score_diff"] = max(
+                abs(a[label] - b[label]) for a, b in zip(scores[shared], scores[per_choice]) for label in a)
 
     print(f"\n{n} examples ({', '.join(f'{t}[:{len(r)}]' for t, r in data.items())}), "
           f"model {args.base_model}, torch threads {torch.get_num_threads()}")
+    print(f"load average before {load_before}, after {os.getloadavg()}")
     print(f"{'config':<52} {'s':>8} {'ex/s':>8} {'speedup':>8} {'acc':>6}")
     for key, r in results.items():
         print(f"({key}) {r['label']:<48} {r['elapsed_s']:>8.1f} {r['examples_per_s']:>8.3f} "
               f"{r['examples_per_s'] / base['examples_per_s']:>7.2f}x {100 * r['accuracy']:>5.1f}%")
-    print(f"(c) vs (a): {diffs['c_vs_a_pred']} prediction differences (should be 0), "
-          f"{diffs['c_vs_a_output_text']} generated-text differences")
-    print(f"(b) vs (a): {diffs['b_vs_a_pred']} prediction differences; (d) vs (a): {diffs['d_vs_a_pred']}")
+    for key in (k for k in ("d", "f") if f"{k}_vs_a_pred" in diffs):
+        print(f"({key}) shared-prompt loglik: {results[key]['examples_per_s'] / base['examples_per_s']:.2f}x (a)")
+    print("differences (c and h vs a, shared vs per-choice loglik should be 0): "
+          + ", ".join(f"{k} {v:.2g}" if isinstance(v, float) else f"{k} {v}" for k, v in diffs.items()))
+    for shared, per_choice in (("d", "e"), ("f", "g")):
+        if shared in results and per_choice in results:
+            print(f"({shared}) vs ({per_choice}): shared prompt {results[shared]['examples_per_s'] / results[per_choice]['examples_per_s']:.2f}x"
+                  " the per-choice loglik")
 
     machine = machine_info()
     report = {

