@@ -12,9 +12,8 @@ experiment folder, groups them into runs (model, adapter, mode) and writes
 
 The table and the chart also show each task's chance level: the accuracy expected from
 picking one of each example's answer options uniformly at random, averaged over the
-evaluated examples. An example's options are those of its "Answer format: a/b/c" line
-(the task registry cannot say: its regex accepts answer1..5 for SIQA, ARC and OBQA,
-and a few ARC items have 3 or 5 options). The examples are read from each summary's
+evaluated examples. An example's options are :func:`commonsense.tasks.answer_options`: the
+task's fixed choices, or for ARC (3 to 5 answers) those its prompt lists. The examples are read from each summary's
 results file, or else taken as the first n rows of the shipped ``dataset/<task>/test.json``.
 
 All three are written atomically. CLI (from the repository root):
@@ -207,7 +206,7 @@ def markdown_table(runs, chance=None) -> str:
         text += f"\n\\{INCOMPLETE_MARK} average over the evaluated tasks only ({MISSING} = not evaluated).\n"
     if chance:
         text += ("\nChance: the accuracy expected from picking one of each example's answer options "
-                 "uniformly at random (the options of its \"Answer format:\" line), over the evaluated examples.\n")
+                 "uniformly at random (the task's choices; for ARC, the answers its prompt lists), over the evaluated examples.\n")
     return text
 
 
