@@ -51,16 +51,23 @@ def check_output_dir(output_dir, overwrite: bool, inputs=()) -> Path:
     return out
 
 
-def output_dtype(dtype: str, base_config) -> torch.dtype:
-    """torch dtype for ``dtype`` (fp16, bf16, fp32 or auto: the base's own)."""
+def requested_dtype(dtype: str):
+    """torch dtype for fp16, bf16 or fp32; None for auto (the base's own, known once its config is read)."""
     name = str(dtype).strip().lower()
     if name == AUTO:
-        saved = getattr(base_config, "dtype", None) or getattr(base_config, "torch_dtype", None)
-        saved = str(saved).replace("torch.", "")
-        return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(saved, torch.float32)
+        return None
     if name not in DTYPES:
         raise MergeError(f"unknown dtype {dtype!r}: use {', '.join(DTYPES)} or {AUTO}")
     return DTYPES[name]
+
+
+def output_dtype(requested, base_config) -> torch.dtype:
+    """The requested dtype, or for auto (None) the base's own (fp32 when its config names none)."""
+    if requested is not None:
+        return requested
+    saved = getattr(base_config, "dtype", None) or getattr(base_config, "torch_dtype", None)
+    saved = str(saved).replace("torch.", "")
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(saved, torch.float32)
 
 
 def check_shard_size(max_shard_size):
@@ -122,15 +129,14 @@ def merge_adapter(
     trust_remote_code: bool = False,
 ) -> str:
     """Merge ``lora_weights`` into ``base_model`` and write the folder ``output_dir``; return a summary line."""
-    if str(dtype).strip().lower() not in (*DTYPES, AUTO):
-        raise MergeError(f"unknown dtype {dtype!r}: use {', '.join(DTYPES)} or {AUTO}")
+    requested = requested_dtype(dtype)  # refused before anything loads
     max_shard_size = check_shard_size(max_shard_size)
     out = check_output_dir(output_dir, overwrite, inputs=(base_model, lora_weights))
     adapter_dir = check_adapter_folder(lora_weights)
     base_path = resolve_base_model(base_model)
     check_model_folder(base_path, need_tokenizer=False)
     config = load_base_config(base_path, trust_remote_code)
-    target_dtype = output_dtype(dtype, config)
+    target_dtype = output_dtype(requested, config)
     tokenizer = base_tokenizer(base_path, trust_remote_code)
 
     model = load_base_model(base_path, dtype="fp32", device="cpu", trust_remote_code=trust_remote_code)
