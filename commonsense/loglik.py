@@ -6,13 +6,13 @@ prediction. Result files end in ``-loglik.json`` (summary ``"mode": "loglik"``),
 modes' files can sit side by side.
 """
 import copy
-import re
 
 import torch
 
 from commonsense.eval_model import EvaluationError, model_device
 from commonsense.prompts import evaluation_prompt
 from commonsense.tasks import answer_options, get_task
+
 
 def choice_labels(task_name: str, instruction: str) -> list:
     """The label words that are valid answers for this example (:func:`tasks.answer_options`)."""
@@ -22,7 +22,7 @@ def choice_labels(task_name: str, instruction: str) -> list:
         raise EvaluationError(str(error)) from None
 
 
-def continuation_ids(tokenizer, prompt: str, continuation: str):
+def continuation_ids(tokenizer, prompt: str, continuation: str, prompt_ids=None):
     """(token ids of prompt+continuation, index of the first continuation token).
 
     The concatenated text is tokenized as a whole (that is what the model saw in
@@ -30,10 +30,11 @@ def continuation_ids(tokenizer, prompt: str, continuation: str):
     prompt's tokens are not a prefix of the whole (a merge across the boundary,
     e.g. the prompt's trailing space joining "the"), scoring starts at the first
     differing token; that token's text is the same for all choices, so the
-    ranking by summed log-probability is unaffected.
+    ranking by summed log-probability is unaffected. ``prompt_ids``: the prompt's own
+    tokenization when the caller has it (one prompt, several continuations).
     """
     full = tokenizer(prompt + continuation)["input_ids"]
-    head = tokenizer(prompt)["input_ids"]
+    head = tokenizer(prompt)["input_ids"] if prompt_ids is None else prompt_ids
     start = 0
     while start < min(len(head), len(full) - 1) and head[start] == full[start]:
         start += 1
@@ -61,9 +62,10 @@ def choice_sequences(tokenizer, task, instruction: str):
     one (that token's output predicts it): shared + tail is each choice's full sequence.
     """
     prompt = evaluation_prompt(instruction)
+    prompt_ids = tokenizer(prompt)["input_ids"]
     choices = []
     for label in choice_labels(task.name, instruction):
-        ids, start = continuation_ids(tokenizer, prompt, task.continuation(label))
+        ids, start = continuation_ids(tokenizer, prompt, task.continuation(label), prompt_ids)
         choices.append((label, ids, start))
     first = choices[0][1]
     shared = min(start for _, _, start in choices) - 1
