@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import sys
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 from commonsense import recipe
 from commonsense.cli import OneLineErrorParser, add_repo_paths, run_or_exit
 from commonsense.embedded_model import SMOLLM2_ALIAS, SMOLLM2_NAME, prepare_embedded_model
+from commonsense.train_options import FinetuneError, check_batch_sizes, check_positive_number
 
 REPO_ROOT = Path(add_repo_paths())
 MODEL_NAME = SMOLLM2_NAME
@@ -52,11 +52,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("eval_limit", "train_rows", "lora_r", "lora_alpha", "micro_batch_size", "batch_size", "eval_batch_size"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name} must be positive")
-    for name in ("num_epochs", "learning_rate"):  # refused here, not after the base model's evaluation
-        if not math.isfinite(getattr(args, name)) or getattr(args, name) <= 0:
-            parser.error(f"--{name} must be a positive number, got {getattr(args, name)!r}")
-    if args.micro_batch_size > args.batch_size:
-        parser.error(f"--micro_batch_size {args.micro_batch_size} exceeds --batch_size {args.batch_size}")
+    try:  # finetune's own checks, here rather than after the base model's evaluation
+        check_positive_number("--num_epochs", args.num_epochs)
+        check_positive_number("--learning_rate", args.learning_rate)
+        check_batch_sizes(args.batch_size, args.micro_batch_size, world_size=1)
+    except FinetuneError as err:
+        parser.error(str(err))
     return args
 
 

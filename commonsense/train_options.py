@@ -64,6 +64,12 @@ def _is_finite_number(value) -> bool:
     return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
 
 
+def check_positive_number(name: str, value) -> None:
+    """A finite number > 0 (an epoch count, a learning rate), else one line naming ``name``."""
+    if not _is_finite_number(value) or value <= 0:
+        raise FinetuneError(f"{name} must be a positive number, got {value!r}")
+
+
 # Counts that must be at least 1 (0 would mean: never log, never save, never evaluate, or cut
 # every prompt), and counts where 0 is a real choice (no validation set, no warmup).
 POSITIVE_COUNTS = ("cutoff_len", "eval_step", "save_step", "logging_steps", "save_total_limit")
@@ -82,13 +88,11 @@ def check_counts_and_rates(options: dict) -> None:
         if not _is_int(value) or value < least:
             kind = "a positive integer" if least else "an integer >= 0"
             raise FinetuneError(f"{name} must be {kind}, got {value!r}")
-    if not _is_finite_number(options["num_epochs"]) or options["num_epochs"] <= 0:
-        raise FinetuneError(f"num_epochs must be a positive number, got {options['num_epochs']!r}")
+    check_positive_number("num_epochs", options["num_epochs"])
     if not _is_int(options["max_steps"]) or not (options["max_steps"] > 0 or options["max_steps"] == -1):
         raise FinetuneError(f"max_steps must be a positive integer, or -1 to train num_epochs epochs, "
                             f"got {options['max_steps']!r}")
-    if not _is_finite_number(options["learning_rate"]) or options["learning_rate"] <= 0:
-        raise FinetuneError(f"learning_rate must be a positive number, got {options['learning_rate']!r}")
+    check_positive_number("learning_rate", options["learning_rate"])
     if not _is_finite_number(options["weight_decay"]) or options["weight_decay"] < 0:
         raise FinetuneError(f"weight_decay must be a number >= 0, got {options['weight_decay']!r}")
     if options["val_set_size"] > 0 and options["save_step"] % options["eval_step"]:

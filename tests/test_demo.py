@@ -96,7 +96,7 @@ def test_entry_scripts_train_then_evaluate_smollm2(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--num_epochs", "0"], "--num_epochs must be a positive number"),
     (["--learning_rate", "nan"], "--learning_rate must be a positive number"),
-    (["--micro_batch_size", "16", "--batch_size", "8"], "--micro_batch_size 16 exceeds --batch_size 8"),
+    (["--micro_batch_size", "16", "--batch_size", "8"], "micro_batch_size 16 is larger than batch_size 8"),
     (["--train_rows", "0"], "--train_rows must be positive"),
 ])
 def test_demo_refuses_nonsense_before_any_work(argv, message, capsys):
