@@ -9,7 +9,8 @@ and the speedup over (a), which always runs:
   (b) batched    batch B, 4 beams, stop at EOS (--eos_stop; the default is (c)'s 32 tokens)
   (c) batched    batch B, 4 beams, no EOS stop -- must give exactly (a)'s
                  predictions (batching is exact); the number of differences is printed
-  (h) batched    as (c), the rows taken longest prompt first (less padding); must equal (a)
+  (h) batched    as (c), the batches evaluate_task forms: longest prompt first (less
+                 padding); must equal (a)
   (d) loglik     batch B, shared prompt (commonsense.loglik.score_choices)
   (e) loglik     batch B, per choice: the whole prompt once per choice, as before the
                  shared prompt (tests/loglik_reference.py)
@@ -43,11 +44,10 @@ import torch  # noqa: E402
 
 from commonsense.data import load_rows  # noqa: E402
 from commonsense.eval_model import load_model_for_eval  # noqa: E402
-from commonsense.evaluation import dataset_file, resolve_task_names  # noqa: E402
+from commonsense.evaluation import dataset_file, make_batches, prompt_lengths, resolve_task_names  # noqa: E402
 from commonsense.generation import GenerationSettings, generate_responses, score_row  # noqa: E402
 from commonsense.loglik import score_choices, score_row_loglik  # noqa: E402
 from commonsense.machine import machine_info  # noqa: E402
-from commonsense.prompts import evaluation_prompt  # noqa: E402
 from harness import DEFAULT_RESULTS_DIR, write_result  # noqa: E402
 from loglik_reference import score_choices_per_choice  # noqa: E402
 
@@ -55,17 +55,17 @@ from loglik_reference import score_choices_per_choice  # noqa: E402
 def run_generate(model, tokenizer, data, batch_size, settings, sort_by_length=False):
     """Predictions {(task, index): pred} and elapsed seconds for generation-based evaluation.
 
-    With sort_by_length the batches take the rows longest prompt first (less padding);
-    predictions stay keyed by the row's index.
+    With sort_by_length the batches are evaluate_task's (longest prompt first, less padding);
+    without, the rows in input order. Predictions stay keyed by the row's index.
     """
     preds = {}
     started = time.perf_counter()
     for task, rows in data.items():
-        order = list(range(len(rows)))
         if sort_by_length:
-            order.sort(key=lambda i: -len(evaluation_prompt(rows[i]["instruction"])))
-        for start in range(0, len(rows), batch_size):
-            batch = order[start:start + batch_size]
+            batches = make_batches(prompt_lengths(tokenizer, rows), batch_size)
+        else:
+            batches = [list(range(start, min(start + batch_size, len(rows)))) for start in range(0, len(rows), batch_size)]
+        for batch in batches:
             responses = generate_responses(model, tokenizer, [rows[i]["instruction"] for i in batch], settings)
             for index, response in zip(batch, responses):
                 preds[(task, index)] = score_row(task, rows[index], response)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from commonsense import evaluation, generation
+from commonsense.data import load_rows
 from commonsense.eval_log import partial_path
 from commonsense.eval_model import EvaluationError, check_adapter_folder, load_model_for_eval, normalize_adapter
 from commonsense.evaluation import RunInfo, evaluate_task, evaluate_tasks, resolve_task_names, result_path, summary_path
@@ -50,6 +51,16 @@ def boolq_rows(n=6):
              "output": "the correct answer is true", "answer": ["true", "false"][i % 2]} for i in range(n)]
 
 
+class WordTokenizer:
+    """Stands in for a tokenizer where only prompt lengths are read (batches form by length)."""
+
+    def __call__(self, texts):
+        return {"input_ids": [text.split() for text in texts]}
+
+
+WORDS = WordTokenizer()
+
+
 def write_dataset(dataset_dir: Path, task: str, rows) -> None:
     (dataset_dir / task).mkdir(parents=True, exist_ok=True)
     (dataset_dir / task / "test.json").write_text(json.dumps(rows), encoding="utf-8")
@@ -71,6 +82,36 @@ def test_batched_generation_matches_batch_of_one(tiny):
     one_by_one = [generate_responses(model, tokenizer, [p])[0] for p in prompts]
     assert batched == one_by_one
     assert any(batched)  # the random model does produce text
+
+
+def test_batches_above_one_take_the_longest_prompts_first():
+    assert evaluation.make_batches([5, 9, 1, 9, 4, 7], 1) == [[0], [1], [2], [3], [4], [5]]  # the original's order
+    assert evaluation.make_batches([5, 9, 1, 9, 4, 7], 3) == [[1, 3, 5], [0, 4, 2]]  # ties keep input order
+    assert evaluation.make_batches([2, 1, 3], 8) == [[2, 0, 1]]
+    assert evaluation.make_batches([], 4) == []
+
+
+@pytest.mark.parametrize("mode", ["generate", "loglik"])
+def test_length_sorted_batches_give_the_batch_of_one_results(tiny, tmp_path, monkeypatch, mode):
+    """The results at batch 4 (rows regrouped by prompt length) equal batch 1's, in input order
+    (loglik scores within float rounding), and each batch really was formed longest prompt first."""
+    model, tokenizer = tiny
+    rows = boolq_rows(11)  # prompts of 2 to 18 words, in no length order
+    one = evaluate_task(model, tokenizer, "boolq", rows, 1, tmp_path / "one.json", mode=mode, progress=False)
+    seen = []
+    scorer = evaluation.score_batch
+    monkeypatch.setattr(evaluation, "score_batch", lambda m, t, name, batch, *a: seen.append(batch) or
+                        scorer(m, t, name, batch, *a))
+    four = evaluate_task(model, tokenizer, "boolq", rows, 4, tmp_path / "four.json", mode=mode, progress=False)
+    batched, alone = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("four", "one"))
+    if mode == "loglik":  # scores: equal up to float rounding (padding changes the summation order)
+        for b, a in zip(batched, alone):
+            assert b.pop("scores") == pytest.approx(a.pop("scores"), abs=1e-5)
+            assert b.pop("scores_mean") == pytest.approx(a.pop("scores_mean"), abs=1e-5)
+    assert batched == alone and four["correct"] == one["correct"]  # text, predictions, flags, input order
+    lengths = [len(tokenizer(evaluation_prompt(r["instruction"]))["input_ids"]) for batch in seen for r in batch]
+    assert [len(batch) for batch in seen] == [4, 4, 3] and lengths == sorted(lengths, reverse=True)
+    assert lengths != [len(tokenizer(evaluation_prompt(r["instruction"]))["input_ids"]) for r in rows]
 
 
 def test_no_eos_stop_generates_full_length(tiny):
@@ -135,7 +176,7 @@ def test_flag_follows_extracted_answer(monkeypatch, tmp_path):
                         lambda model, tok, instructions, settings=None:
                         [canned[i.rsplit(" ", 1)[1]] for i in instructions])
     out = tmp_path / "x.json"
-    summary = evaluate_task(None, None, "boolq", boolq_rows(4), 3, out, progress=False)
+    summary = evaluate_task(None, WORDS, "boolq", boolq_rows(4), 3, out, progress=False)
     results = json.loads(out.read_text())
     assert [r["pred"] for r in results] == ["true", "true", "", "false"]
     assert [r["flag"] for r in results] == [True, False, False, True]
@@ -144,7 +185,7 @@ def test_flag_follows_extracted_answer(monkeypatch, tmp_path):
 
 def test_limit_keeps_first_rows(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(evaluation, "generate_responses", lambda m, t, ins, s=None: ["true"] * len(ins))
-    summary = evaluate_task(None, None, "boolq", boolq_rows(6), 2, tmp_path / "x.json", limit=3, progress=False)
+    summary = evaluate_task(None, WORDS, "boolq", boolq_rows(6), 2, tmp_path / "x.json", limit=3, progress=False)
     assert summary["n"] == 3 and summary["limit"] == 3
     assert len(json.loads((tmp_path / "x.json").read_text())) == 3
     assert "test:2/2 | accuracy 2  0.6666666666666666" in capsys.readouterr().out  # the original's line
@@ -152,9 +193,9 @@ def test_limit_keeps_first_rows(monkeypatch, tmp_path, capsys):
 
 def test_bad_batch_size_or_limit(tmp_path):
     with pytest.raises(EvaluationError):
-        evaluate_task(None, None, "boolq", boolq_rows(2), 0, tmp_path / "x.json")
+        evaluate_task(None, WORDS, "boolq", boolq_rows(2), 0, tmp_path / "x.json")
     with pytest.raises(EvaluationError):
-        evaluate_task(None, None, "boolq", boolq_rows(2), 1, tmp_path / "x.json", limit=0)
+        evaluate_task(None, WORDS, "boolq", boolq_rows(2), 1, tmp_path / "x.json", limit=0)
     assert not list(tmp_path.iterdir())
 
 
@@ -166,7 +207,7 @@ def test_partial_log_from_another_run_is_not_reused(monkeypatch, tmp_path):
     stale = {"index": 0, "result": {**boolq_rows(1)[0], "output_pred": "true", "pred": "true", "flag": True}}
     partial_path(out).write_text(json.dumps({"header": {"task": "boolq", "base_model": "other"}}) + "\n"
                                  + json.dumps(stale) + "\n")
-    summary = evaluate_task(None, None, "boolq", boolq_rows(2), 1, out, progress=False)
+    summary = evaluate_task(None, WORDS, "boolq", boolq_rows(2), 1, out, progress=False)
     assert summary["resumed_examples"] == 0
     assert [r["pred"] for r in json.loads(out.read_text())] == ["false", "false"]
 
@@ -178,7 +219,7 @@ def test_evaluate_tasks_one_model_several_files(monkeypatch, tmp_path):
     data = tmp_path / "dataset"
     write_dataset(data, "boolq", boolq_rows(3))
     write_dataset(data, "piqa", [{"instruction": "pick", "input": "", "output": "", "answer": "solution1"}] * 2)
-    summaries = evaluate_tasks(None, None, ["piqa", "boolq"], run=RunInfo("SmolLM2-135M", "none"),
+    summaries = evaluate_tasks(None, WORDS, ["piqa", "boolq"], run=RunInfo("SmolLM2-135M", "none"),
                                dataset_dir=data, output_dir=tmp_path / "exp", batch_size=4, progress=False)
     assert [s["dataset"] for s in summaries] == ["piqa", "boolq"]
     assert [s["accuracy"] for s in summaries] == [1.0, 0.0]
@@ -198,14 +239,17 @@ def test_the_whole_run_bar_counts_every_task_and_the_resumed_examples(monkeypatc
                                  for i in range(4)])
     run = RunInfo("Qwen2-0.5B", "none")
 
+    calls = []
+
     def interrupted(m, t, instructions, s=None):  # boolq dies in its second batch: 2 examples logged
-        if any(i.endswith(("#2", "#3")) for i in instructions):
+        calls.append(instructions)
+        if len(calls) == 2:
             raise KeyboardInterrupt
         return ["true"] * len(instructions)
 
     monkeypatch.setattr(evaluation, "generate_responses", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        evaluate_tasks(None, None, ["boolq", "piqa"], run=run, dataset_dir=data, output_dir=out, batch_size=2,
+        evaluate_tasks(None, WORDS, ["boolq", "piqa"], run=run, dataset_dir=data, output_dir=out, batch_size=2,
                        limit=6, progress=False)
     rows = {"boolq": boolq_rows(7), "piqa": json.loads((data / "piqa" / "test.json").read_text())}
     totals = evaluation.run_totals(rows, run=run, output_dir=out, limit=6, settings=GenerationSettings(),
@@ -216,7 +260,7 @@ def test_the_whole_run_bar_counts_every_task_and_the_resumed_examples(monkeypatc
     capsys.readouterr()
 
     monkeypatch.setattr(evaluation, "generate_responses", lambda m, t, ins, s=None: ["solution1"] * len(ins))
-    summaries = evaluate_tasks(None, None, ["boolq", "piqa"], run=run, dataset_dir=data, output_dir=out,
+    summaries = evaluate_tasks(None, WORDS, ["boolq", "piqa"], run=run, dataset_dir=data, output_dir=out,
                                batch_size=2, limit=6, progress=True)
     captured = capsys.readouterr()
     counts = re.findall(r"all 2 tasks:\s*\d+%[^|]*\|[^|]*\| (\d+)/(\d+) \[[^<\]]*<", captured.err)
@@ -307,7 +351,7 @@ def test_task_log_dir_gets_each_tasks_output(monkeypatch, tmp_path):
         rows = [dict(r, answer="option1" if task == "winogrande" else r["answer"]) for r in boolq_rows(4)]
         write_dataset(dataset_dir, task, rows)
     logs = tmp_path / "weights"
-    evaluate_tasks(None, None, ["boolq", "winogrande"], run=RunInfo(model_name="LLaMA-7B", adapter="DoRA"),
+    evaluate_tasks(None, WORDS, ["boolq", "winogrande"], run=RunInfo(model_name="LLaMA-7B", adapter="DoRA"),
                    dataset_dir=dataset_dir, output_dir=tmp_path / "exp", batch_size=2, progress=False,
                    task_log_dir=logs)
     boolq_log = (logs / "boolq.txt").read_text()
@@ -325,19 +369,20 @@ def test_task_log_holds_every_example_as_the_original_printed_it(monkeypatch, tm
     rows = boolq_rows(4)
     write_dataset(dataset_dir, "boolq", rows)
     logs = tmp_path / "weights"
-    evaluate_tasks(None, None, ["boolq"], run=RunInfo(model_name="LLaMA-7B", adapter="DoRA"),
+    evaluate_tasks(None, WORDS, ["boolq"], run=RunInfo(model_name="LLaMA-7B", adapter="DoRA"),
                    dataset_dir=dataset_dir, output_dir=tmp_path / "exp", batch_size=2, progress=False,
                    task_log_dir=logs)
     log = (logs / "boolq.txt").read_text()
     results = json.loads((tmp_path / "exp" / "LLaMA-7B-DoRA-boolq.json").read_text())
-    expected = []
-    for batch in (0, 1):
-        for i in (2 * batch, 2 * batch + 1):
+    expected, done = [], []
+    # Batches above 1 run longest prompt first: rows 2 (18 words), 0 (16), then 3 (8), 1 (2).
+    for batch_number, batch in enumerate(((2, 0), (3, 1)), start=1):
+        for i in batch:
             expected += [rows[i]["instruction"], results[i]["output_pred"], f"prediction: {results[i]['pred']}",
                          f"label: {rows[i]['answer']}"]
-        done = 2 * (batch + 1)
-        correct = sum(r["flag"] for r in results[:done])
-        expected.append(f"test:{batch + 1}/2 | accuracy {correct}  {correct / done}")
+        done += batch
+        correct = sum(results[i]["flag"] for i in done)
+        expected.append(f"test:{batch_number}/2 | accuracy {correct}  {correct / len(done)}")
     lines = log.splitlines()
     assert lines[:len(expected)] == expected
     assert f"boolq: accuracy {sum(r['flag'] for r in results)}/4" in log
@@ -368,9 +413,11 @@ def test_cli_sigkill_mid_task_then_rerun_gives_the_uninterrupted_result(tiny, ti
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert not result.exists() and not summary_path(result).exists()
     logged = [json.loads(line) for line in partial_path(result).read_text().splitlines()]
-    assert [record["index"] for record in logged[1:]] == [0, 1, 2, 3]
+    rows = load_rows(REPO_ROOT / "dataset" / "boolq" / "test.json", task="boolq")[:6]
+    longest_first = sorted(range(6), key=lambda i: -len(tokenizer(evaluation_prompt(rows[i]["instruction"]))["input_ids"]))
+    assert [record["index"] for record in logged[1:]] == longest_first[:4]  # two batches, longest prompts first
     with open(partial_path(result), "a") as log:  # a kill in the middle of a write: a torn last line
-        log.write('{"index": 4, "resu')
+        log.write('{"index": %d, "resu' % longest_first[4])
 
     again = evaluate(out)
     assert again.returncode == 0, again.stderr
