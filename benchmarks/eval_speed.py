@@ -11,6 +11,8 @@ and the speedup over (a), which always runs:
                  predictions (batching is exact); the number of differences is printed
   (h) batched    as (c), the batches evaluate_task forms: longest prompt first (less
                  padding); must equal (a)
+  (j) batched    as (h), with a static KV cache (transformers' cache_implementation="static";
+                 on CUDA generate then compiles the decoding step); must equal (a)
   (d) loglik     batch B, shared prompt (commonsense.loglik.score_choices)
   (e) loglik     batch B, per choice: the whole prompt once per choice, as before the
                  shared prompt (tests/loglik_reference.py)
@@ -52,7 +54,7 @@ from harness import DEFAULT_RESULTS_DIR, write_result  # noqa: E402
 from loglik_reference import score_choices_per_choice  # noqa: E402
 
 
-def run_generate(model, tokenizer, data, batch_size, settings, sort_by_length=False):
+def run_generate(model, tokenizer, data, batch_size, settings, sort_by_length=False, cache_implementation=None):
     """Predictions {(task, index): pred} and elapsed seconds for generation-based evaluation.
 
     With sort_by_length the batches are evaluate_task's (longest prompt first, less padding);
@@ -66,7 +68,8 @@ def run_generate(model, tokenizer, data, batch_size, settings, sort_by_length=Fa
         else:
             batches = [list(range(start, min(start + batch_size, len(rows)))) for start in range(0, len(rows), batch_size)]
         for batch in batches:
-            responses = generate_responses(model, tokenizer, [rows[i]["instruction"] for i in batch], settings)
+            responses = generate_responses(model, tokenizer, [rows[i]["instruction"] for i in batch], settings,
+                                           cache_implementation)
             for index, response in zip(batch, responses):
                 preds[(task, index)] = score_row(task, rows[index], response)
     return preds, time.perf_counter() - started
@@ -90,7 +93,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tasks", default="boolq,piqa")
     parser.add_argument("--limit", type=int, default=16, help="first N rows of each task")
     parser.add_argument("--batch_size", type=int, default=8, help="batch size of (b), (c) and (d)")
-    parser.add_argument("--configs", default="a,b,c,d,e,f,g,h", help="which settings to run; (a) always runs")
+    parser.add_argument("--configs", default="a,b,c,d,e,f,g,h,j", help="which settings to run; (a) always runs")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--dataset_dir", default=str(REPO_ROOT / "dataset"))
     parser.add_argument("--out", default=str(DEFAULT_RESULTS_DIR / "eval_speed_cpu.json"))
@@ -118,6 +121,8 @@ def main(argv=None) -> int:
         ("c", f"batched: batch {B}, 4 beams, no EOS stop", "generate", B, GenerationSettings(stop_at_eos=False)),
         ("h", f"batched: batch {B}, 4 beams, no EOS stop, length-sorted", "generate-sorted", B,
          GenerationSettings(stop_at_eos=False)),
+        ("j", f"batched: batch {B}, 4 beams, no EOS stop, length-sorted, static cache", "generate-static", B,
+         GenerationSettings(stop_at_eos=False)),
         ("d", f"loglik: batch {B}, shared prompt", "loglik", B, None),
         ("e", f"loglik: batch {B}, per choice (before)", "loglik-per-choice", B, None),
         ("f", "loglik: batch 1, shared prompt", "loglik", 1, None),
@@ -137,7 +142,8 @@ def main(argv=None) -> int:
             scores[key] = [preds[k]["scores"] for k in sorted(preds)]
         else:
             preds, elapsed = run_generate(model, tokenizer, data, batch_size, settings,
-                                          sort_by_length=mode == "generate-sorted")
+                                          sort_by_length=mode in ("generate-sorted", "generate-static"),
+                                          cache_implementation="static" if mode == "generate-static" else None)
         results[key] = {"label": label, "mode": mode, "batch_size": batch_size,
                         "generation": None if settings is None else settings.to_dict(),
                         "elapsed_s": round(elapsed, 3), "examples_per_s": n / elapsed,
@@ -150,7 +156,7 @@ def main(argv=None) -> int:
         return sum(results[other]["preds"][k]["pred"] != results[against]["preds"][k]["pred"] for k in keys)
 
     diffs = {f"{key}_vs_a_pred": differences(key) for key in results if key != "a"}
-    for key in ("c", "h"):  # must equal (a) answer by answer; compare the full generated text too
+    for key in ("c", "h", "j"):  # must equal (a) answer by answer; compare the full generated text too
         if key in results:
             diffs[f"{key}_vs_a_output_text"] = sum(
                 results[key]["preds"][k]["output_pred"] != base["preds"][k]["output_pred"] for k in keys)
@@ -169,7 +175,7 @@ def main(argv=None) -> int:
               f"{r['examples_per_s'] / base['examples_per_s']:>7.2f}x {100 * r['accuracy']:>5.1f}%")
     for key in (k for k in ("d", "f") if f"{k}_vs_a_pred" in diffs):
         print(f"({key}) shared-prompt loglik: {results[key]['examples_per_s'] / base['examples_per_s']:.2f}x (a)")
-    print("differences (c and h vs a, shared vs per-choice loglik should be 0): "
+    print("differences (c, h and j vs a, shared vs per-choice loglik should be 0): "
           + ", ".join(f"{k} {v:.2g}" if isinstance(v, float) else f"{k} {v}" for k, v in diffs.items()))
     for shared, per_choice in (("d", "e"), ("f", "g")):
         if shared in results and per_choice in results:

@@ -75,8 +75,14 @@ def _never_generated_id(model) -> int:
     return model.get_output_embeddings().weight.shape[0]
 
 
-def generate_responses(model, tokenizer, instructions, settings: GenerationSettings = None) -> list:
-    """Answers (text after "### Response:") for a batch of instructions."""
+def generate_responses(model, tokenizer, instructions, settings: GenerationSettings = None,
+                       cache_implementation: str = None) -> list:
+    """Answers (text after "### Response:") for a batch of instructions.
+
+    `cache_implementation`: transformers' KV cache kind ("static": preallocated; on CUDA,
+    generate then compiles the decoding step). Benchmarked as configuration (j) of
+    benchmarks/eval_speed.py; the evaluation itself keeps the default dynamic cache.
+    """
     settings = settings or GenerationSettings()
     if tokenizer.padding_side != "left":
         # Right padding would put pad tokens between the prompt and the new tokens.
@@ -84,11 +90,14 @@ def generate_responses(model, tokenizer, instructions, settings: GenerationSetti
     prompts = [evaluation_prompt(instruction) for instruction in instructions]
     encoded = tokenizer(prompts, return_tensors="pt", padding=True)
     device = model_device(model)
+    config = build_generation_config(model, tokenizer, settings)
+    if cache_implementation is not None:
+        config.cache_implementation = cache_implementation
     with torch.no_grad():
         sequences = model.generate(
             input_ids=encoded["input_ids"].to(device),
             attention_mask=encoded["attention_mask"].to(device),
-            generation_config=build_generation_config(model, tokenizer, settings),
+            generation_config=config,
         )
     decoded = tokenizer.batch_decode(sequences, skip_special_tokens=True)
     return [split_response(text) for text in decoded]

@@ -114,6 +114,18 @@ def test_length_sorted_batches_give_the_batch_of_one_results(tiny, tmp_path, mon
     assert lengths != [len(tokenizer(evaluation_prompt(r["instruction"]))["input_ids"]) for r in rows]
 
 
+def test_a_static_kv_cache_generates_the_same_answers(tiny, monkeypatch):
+    """benchmarks/eval_speed.py (j): transformers' preallocated cache changes no generated token."""
+    model, tokenizer = tiny
+    settings = GenerationSettings(max_new_tokens=6)
+    caches, generate = [], model.generate
+    monkeypatch.setattr(model, "generate", lambda **kw: caches.append(kw["generation_config"].cache_implementation)
+                        or generate(**kw))
+    static = generate_responses(model, tokenizer, INSTRUCTIONS[:3], settings, cache_implementation="static")
+    assert caches == ["static"]
+    assert static == generate_responses(model, tokenizer, INSTRUCTIONS[:3], settings) and any(static)
+
+
 def test_no_eos_stop_generates_full_length(tiny):
     model, tokenizer = tiny
     settings = GenerationSettings(stop_at_eos=False, max_new_tokens=5)
