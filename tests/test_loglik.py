@@ -338,6 +338,20 @@ def test_loglik_task_writes_files_and_prediction_is_argmax(tiny, tmp_path):
     assert not partial_path(out).exists()
 
 
+def test_loglik_task_scores_with_one_template_prefix(tiny, tmp_path, monkeypatch):
+    _, model, tokenizer = tiny
+    rows = rows_for("piqa", PIQA, ["solution1", "solution2", "solution1", "solution2"])
+    real, prefixes = evaluation.score_choices, []
+    monkeypatch.setattr(evaluation, "score_choices",
+                        lambda *args, prefix=None: prefixes.append(prefix) or real(*args, prefix=prefix))
+    out = tmp_path / "piqa-loglik.json"
+    evaluate_task(model, tokenizer, "piqa", rows, 3, out, mode="loglik", progress=False)
+    assert len(prefixes) == 2 and isinstance(prefixes[0], PromptPrefix) and prefixes[1] is prefixes[0]
+    expected = score_choices_per_choice(model, tokenizer, "piqa", PIQA)
+    for result, reference in zip(json.loads(out.read_text()), expected):
+        assert all(abs(result["scores"][label] - value["sum"]) < 1e-4 for label, value in reference.items())
+
+
 def test_bad_mode(tmp_path):
     with pytest.raises(EvaluationError, match="unknown mode"):
         evaluate_task(None, None, "boolq", rows_for("boolq", ["q"], ["true"]), 1, tmp_path / "x.json", mode="x")
@@ -371,8 +385,11 @@ def test_loglik_resume_and_mode_in_fingerprint(tiny, tmp_path, monkeypatch):
 
     calls.clear()
     monkeypatch.setattr(evaluation, "score_choices", lambda *a, **k: calls.append(1) or real(*a, **k))
+    prefix_for = []
+    monkeypatch.setattr(evaluation, "prompt_prefix", lambda m, t, instructions: prefix_for.append(instructions))
     summary = evaluate_task(model, tokenizer, "boolq", rows, 2, out, mode="loglik", progress=False)
     assert len(calls) == 2 and summary["resumed_examples"] == 2
+    assert prefix_for == [[row["instruction"] for row in rows[2:]]]  # only the rows still to score
     assert out.read_text() == reference.read_text()
 
     # A loglik log is not reused by a generate run of the same file.
