@@ -18,8 +18,13 @@ and the speedup over (a), which always runs:
                  shared prompt (tests/loglik_reference.py)
   (f) loglik     batch 1, shared prompt
   (g) loglik     batch 1, per choice
+  (i) loglik     batch B, shared prompt + template prefix: each task's prompts start from one
+                 KV cache of the tokens they all share (commonsense.loglik.prompt_prefix, built
+                 per task inside the timing, as evaluate_task does); beside (d), or beside (f)
+                 with --batch_size 1
 
-The loglik predictions must agree between shared and per-choice at each batch size;
+The loglik predictions must agree between shared (with or without the prefix) and per-choice
+at each batch size;
 the differences and the largest score difference are printed.
 
 (b) may legitimately differ from (a): stopping at EOS changes which beams win
@@ -48,7 +53,7 @@ from commonsense.data import load_rows  # noqa: E402
 from commonsense.eval_model import load_model_for_eval  # noqa: E402
 from commonsense.evaluation import dataset_file, make_batches, prompt_lengths, resolve_task_names  # noqa: E402
 from commonsense.generation import GenerationSettings, generate_responses, score_row  # noqa: E402
-from commonsense.loglik import score_choices, score_row_loglik  # noqa: E402
+from commonsense.loglik import prompt_prefix, score_choices, score_row_loglik  # noqa: E402
 from commonsense.machine import machine_info  # noqa: E402
 from harness import DEFAULT_RESULTS_DIR, write_result  # noqa: E402
 from loglik_reference import score_choices_per_choice  # noqa: E402
@@ -75,13 +80,14 @@ def run_generate(model, tokenizer, data, batch_size, settings, sort_by_length=Fa
     return preds, time.perf_counter() - started
 
 
-def run_loglik(model, tokenizer, data, batch_size, scorer=score_choices):
+def run_loglik(model, tokenizer, data, batch_size, scorer=score_choices, template_prefix=False):
     preds = {}
     started = time.perf_counter()
     for task, rows in data.items():
+        prefix = {"prefix": prompt_prefix(model, tokenizer, [r["instruction"] for r in rows])} if template_prefix else {}
         for start in range(0, len(rows), batch_size):
             batch = rows[start:start + batch_size]
-            all_scores = scorer(model, tokenizer, task, [r["instruction"] for r in batch])
+            all_scores = scorer(model, tokenizer, task, [r["instruction"] for r in batch], **prefix)
             for offset, (row, scores) in enumerate(zip(batch, all_scores)):
                 preds[(task, start + offset)] = score_row_loglik(task, row, scores)
     return preds, time.perf_counter() - started
@@ -92,8 +98,8 @@ def main(argv=None) -> int:
     parser.add_argument("--base_model", default="smollm2-135m")
     parser.add_argument("--tasks", default="boolq,piqa")
     parser.add_argument("--limit", type=int, default=16, help="first N rows of each task")
-    parser.add_argument("--batch_size", type=int, default=8, help="batch size of (b), (c) and (d)")
-    parser.add_argument("--configs", default="a,b,c,d,e,f,g,h,j", help="which settings to run; (a) always runs")
+    parser.add_argument("--batch_size", type=int, default=8, help="batch size of (b), (c), (d), (e), (h), (i) and (j)")
+    parser.add_argument("--configs", default="a,b,c,d,e,f,g,h,i,j", help="which settings to run; (a) always runs")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--dataset_dir", default=str(REPO_ROOT / "dataset"))
     parser.add_argument("--out", default=str(DEFAULT_RESULTS_DIR / "eval_speed_cpu.json"))
@@ -127,6 +133,7 @@ def main(argv=None) -> int:
         ("e", f"loglik: batch {B}, per choice (before)", "loglik-per-choice", B, None),
         ("f", "loglik: batch 1, shared prompt", "loglik", 1, None),
         ("g", "loglik: batch 1, per choice (before)", "loglik-per-choice", 1, None),
+        ("i", f"loglik: batch {B}, shared prompt + template prefix", "loglik-prefix", B, None),
     ]
     unknown = wanted - {key for key, *_ in configs}
     if unknown:
@@ -137,8 +144,9 @@ def main(argv=None) -> int:
             continue
         print(f"running ({key}) {label} ...", file=sys.stderr, flush=True)
         if mode.startswith("loglik"):
-            scorer = score_choices if mode == "loglik" else score_choices_per_choice
-            preds, elapsed = run_loglik(model, tokenizer, data, batch_size, scorer)
+            scorer = score_choices_per_choice if mode == "loglik-per-choice" else score_choices
+            preds, elapsed = run_loglik(model, tokenizer, data, batch_size, scorer,
+                                        template_prefix=mode == "loglik-prefix")
             scores[key] = [preds[k]["scores"] for k in sorted(preds)]
         else:
             preds, elapsed = run_generate(model, tokenizer, data, batch_size, settings,
@@ -160,7 +168,9 @@ def main(argv=None) -> int:
         if key in results:
             diffs[f"{key}_vs_a_output_text"] = sum(
                 results[key]["preds"][k]["output_pred"] != base["preds"][k]["output_pred"] for k in keys)
-    for shared, per_choice in (("d", "e"), ("f", "g")):  # the shared prompt must not change any loglik answer
+    # Each shared-prompt config beside the per-choice one at its batch size ((i) at batch 1: (g)).
+    pairs = (("d", "e"), ("f", "g"), ("i", "g" if B == 1 and "e" not in results else "e"))
+    for shared, per_choice in pairs:  # the shared prompt must not change any loglik answer
         if shared in results and per_choice in results:
             diffs[f"{shared}_vs_{per_choice}_pred"] = differences(per_choice, shared)
             diffs[f"{shared}_vs_{per_choice}_max_score_diff"] = max(
@@ -173,14 +183,18 @@ def main(argv=None) -> int:
     for key, r in results.items():
         print(f"({key}) {r['label']:<48} {r['elapsed_s']:>8.1f} {r['examples_per_s']:>8.3f} "
               f"{r['examples_per_s'] / base['examples_per_s']:>7.2f}x {100 * r['accuracy']:>5.1f}%")
-    for key in (k for k in ("d", "f") if f"{k}_vs_a_pred" in diffs):
+    for key in (k for k in ("d", "f", "i") if f"{k}_vs_a_pred" in diffs):
         print(f"({key}) shared-prompt loglik: {results[key]['examples_per_s'] / base['examples_per_s']:.2f}x (a)")
     print("differences (c, h and j vs a, shared vs per-choice loglik should be 0): "
           + ", ".join(f"{k} {v:.2g}" if isinstance(v, float) else f"{k} {v}" for k, v in diffs.items()))
-    for shared, per_choice in (("d", "e"), ("f", "g")):
+    for shared, per_choice in pairs:
         if shared in results and per_choice in results:
             print(f"({shared}) vs ({per_choice}): shared prompt {results[shared]['examples_per_s'] / results[per_choice]['examples_per_s']:.2f}x"
                   " the per-choice loglik")
+    alone = "d" if "d" in results else "f" if B == 1 else None  # the shared prompt without the prefix
+    if "i" in results and alone in results:
+        print(f"(i) vs ({alone}): the template prefix {results['i']['examples_per_s'] / results[alone]['examples_per_s']:.2f}x"
+              " the shared prompt alone")
 
     machine = machine_info()
     report = {

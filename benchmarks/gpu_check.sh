@@ -70,7 +70,7 @@ step train_step "$TIMEOUT_TRAIN" "$PYTHON" benchmarks/train_step.py --device cud
 # (j), the static KV cache, is left out: generate compiles the decoding step on CUDA, and each new
 # prompt length may recompile, past this step's time; run it alone with --configs a,h,j.
 step eval_speed "$TIMEOUT_EVAL" "$PYTHON" benchmarks/eval_speed.py --base_model smollm2-135m --limit 16 \
-    --batch_size 16 --configs a,b,c,d,e,f,g,h --out "$RESULTS/eval_speed_cuda.json"
+    --batch_size 16 --configs a,b,c,d,e,f,g,h,i --out "$RESULTS/eval_speed_cuda.json"
 # finetune.py under accelerate FSDP (configs/accelerate_fsdp.yaml), one process per GPU (at most 2),
 # on a tiny random LLaMA: adapter-only checkpoints gathered from the shards, written once
 step fsdp_train "$TIMEOUT_FSDP" "$PYTHON" -m pytest -q -rs tests/test_distributed.py -k accelerate_fsdp_on_gpus \

