@@ -96,6 +96,7 @@ def run_loglik(model, tokenizer, data, batch_size, scorer=score_choices, templat
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base_model", default="smollm2-135m")
+    parser.add_argument("--lora_weights", default=None, help="an adapter folder, merged into the base (default: none)")
     parser.add_argument("--tasks", default="boolq,piqa")
     parser.add_argument("--limit", type=int, default=16, help="first N rows of each task")
     parser.add_argument("--batch_size", type=int, default=8, help="batch size of (b), (c), (d), (e), (h), (i) and (j)")
@@ -112,7 +113,8 @@ def main(argv=None) -> int:
     data = {t: load_rows(dataset_file(args.dataset_dir, t), task=t)[:args.limit] for t in tasks}
     n = sum(len(rows) for rows in data.values())
     load_before = os.getloadavg()
-    model, tokenizer = load_model_for_eval(args.base_model, adapter="none")
+    model, tokenizer = load_model_for_eval(args.base_model, lora_weights=args.lora_weights,
+                                           adapter="DoRA" if args.lora_weights else "none")
     # Warm-up (first-call allocations, kernel selection) outside the timings.
     first = next(iter(data.values()))[0]["instruction"]
     generate_responses(model, tokenizer, [first], GenerationSettings(max_new_tokens=2))
@@ -177,7 +179,7 @@ def main(argv=None) -> int:
                 abs(a[label] - b[label]) for a, b in zip(scores[shared], scores[per_choice]) for label in a)
 
     print(f"\n{n} examples ({', '.join(f'{t}[:{len(r)}]' for t, r in data.items())}), "
-          f"model {args.base_model}, torch threads {torch.get_num_threads()}")
+          f"model {args.base_model}{' + ' + args.lora_weights if args.lora_weights else ''}, torch threads {torch.get_num_threads()}")
     print(f"load average before {load_before}, after {os.getloadavg()}")
     print(f"{'config':<52} {'s':>8} {'ex/s':>8} {'speedup':>8} {'acc':>6}")
     for key, r in results.items():
@@ -201,6 +203,7 @@ def main(argv=None) -> int:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "base_model": args.base_model,
+        "lora_weights": args.lora_weights,
         "tasks": {t: len(r) for t, r in data.items()},
         "n_examples": n,
         "hardware": {"nproc": machine["cpu_count"], "cpu_model": machine["cpu"], "torch_threads": torch.get_num_threads(),

@@ -1,8 +1,8 @@
 """Log-likelihood (choice ranking) evaluation on a tiny random LLaMA."""
 import importlib.util
+import itertools
 import json
 import os
-import itertools
 import subprocess
 import sys
 from pathlib import Path
