@@ -187,20 +187,22 @@ def evaluate_task(
         print(f"{task.name}: resuming, {len(finished)}/{len(rows)} examples already done")
 
     started = time.perf_counter()
+    todo_rows = [i for i in range(len(rows)) if i not in finished]
     # The template tokens the rows still to score begin with: their KV cache, computed once for this run.
-    prefix = prompt_prefix(model, tokenizer, [row["instruction"] for i, row in enumerate(rows) if i not in finished]) \
-        if mode == LOGLIK else None
-    # Batch 1 keeps the input order, so it needs no lengths (nor a pass of the tokenizer).
-    lengths = prompt_lengths(tokenizer, rows) if batch_size > 1 else [0] * len(rows)
-    batches = make_batches(lengths, batch_size)
+    prefix = prompt_prefix(model, tokenizer, [rows[i]["instruction"] for i in todo_rows]) if mode == LOGLIK else None
+    # Batches of the rows still to score only: a log from another batch size (or batch 1's input
+    # order) leaves its rows scattered over batches formed over all rows. Batch 1 keeps the input
+    # order, so it needs no lengths (nor a pass of the tokenizer).
+    lengths = prompt_lengths(tokenizer, [rows[i] for i in todo_rows]) if batch_size > 1 else [0] * len(todo_rows)
+    batches = [[todo_rows[k] for k in batch] for batch in make_batches(lengths, batch_size)]
+    # Numbered after the batches the resumed rows fill: a rerun at the same batch size runs the
+    # interrupted run's remaining batches, with their numbers.
+    batches_done = -(-len(finished) // batch_size)
     correct = sum(bool(r["flag"]) for r in finished.values())
     done = resumed = len(finished)
     bar = tqdm(total=len(rows), initial=done, desc=task.name, unit="ex", disable=not progress, file=sys.stderr)
     try:
-        for batch_number, indices in enumerate(batches, start=1):
-            todo = [i for i in indices if i not in finished]
-            if not todo:
-                continue
+        for batch_number, todo in enumerate(batches, start=batches_done + 1):
             scored_batch = dict(zip(todo, score_batch(model, tokenizer, task.name, [rows[i] for i in todo],
                                                       mode, settings, prefix)))
             for index, scored in scored_batch.items():
@@ -217,7 +219,7 @@ def evaluate_task(
             if run_bar is not None:
                 run_bar.update(len(todo))
             # The original's running accuracy line (batch count, correct, fraction).
-            tqdm.write(f"test:{batch_number}/{len(batches)} | accuracy {correct}  {correct / done}")
+            tqdm.write(f"test:{batch_number}/{batches_done + len(batches)} | accuracy {correct}  {correct / done}")
     finally:
         bar.close()
 

@@ -4,6 +4,7 @@ Bad input: tests/test_bad_inputs.py.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -61,6 +62,19 @@ class WordTokenizer:
 WORDS = WordTokenizer()
 
 
+def answers_true(calls=None, interrupt_at=None):
+    """A generate_responses stand-in answering "true", recording each batch's instructions in
+    `calls`; its call number `interrupt_at` raises KeyboardInterrupt (a run stopped there)."""
+    calls = [] if calls is None else calls
+
+    def generate(model, tokenizer, instructions, settings=None):
+        calls.append(instructions)
+        if len(calls) == interrupt_at:
+            raise KeyboardInterrupt
+        return ["true"] * len(instructions)
+    return generate
+
+
 def write_dataset(dataset_dir: Path, task: str, rows) -> None:
     (dataset_dir / task).mkdir(parents=True, exist_ok=True)
     (dataset_dir / task / "test.json").write_text(json.dumps(rows), encoding="utf-8")
@@ -112,6 +126,26 @@ def test_length_sorted_batches_give_the_batch_of_one_results(tiny, tmp_path, mon
     lengths = [len(tokenizer(evaluation_prompt(r["instruction"]))["input_ids"]) for batch in seen for r in batch]
     assert [len(batch) for batch in seen] == [4, 4, 3] and lengths == sorted(lengths, reverse=True)
     assert lengths != [len(tokenizer(evaluation_prompt(r["instruction"]))["input_ids"]) for r in rows]
+
+
+def test_a_resume_batches_only_the_rows_still_to_score(monkeypatch, tmp_path, capsys):
+    """A run at batch 1 stops after 3 rows (input order); the rerun at batch 2 fills every batch with
+    rows still to score, longest prompt first, instead of the leftovers of batches over all rows."""
+    rows, out = boolq_rows(8), tmp_path / "x.json"
+    monkeypatch.setattr(evaluation, "generate_responses", answers_true(interrupt_at=4))
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_task(None, WORDS, "boolq", rows, 1, out, progress=False)
+    capsys.readouterr()
+    calls = []
+    monkeypatch.setattr(evaluation, "generate_responses", answers_true(calls))
+    summary = evaluate_task(None, WORDS, "boolq", rows, 2, out, progress=False)
+    assert summary["resumed_examples"] == 3
+    assert [len(batch) for batch in calls] == [2, 2, 1]
+    lengths = [len(evaluation_prompt(instruction).split()) for batch in calls for instruction in batch]
+    assert lengths == sorted(lengths, reverse=True)
+    assert sorted(i for batch in calls for i in batch) == sorted(r["instruction"] for r in rows[3:])
+    # Numbered after the 2 batches of 2 that the 3 resumed rows fill.
+    assert re.findall(r"test:(\d+)/(\d+)", capsys.readouterr().out) == [("3", "5"), ("4", "5"), ("5", "5")]
 
 
 def test_a_static_kv_cache_generates_the_same_answers(tiny, monkeypatch):
@@ -251,15 +285,8 @@ def test_the_whole_run_bar_counts_every_task_and_the_resumed_examples(monkeypatc
                                  for i in range(4)])
     run = RunInfo("Qwen2-0.5B", "none")
 
-    calls = []
-
-    def interrupted(m, t, instructions, s=None):  # boolq dies in its second batch: 2 examples logged
-        calls.append(instructions)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return ["true"] * len(instructions)
-
-    monkeypatch.setattr(evaluation, "generate_responses", interrupted)
+    # boolq dies in its second batch: 2 examples logged
+    monkeypatch.setattr(evaluation, "generate_responses", answers_true(interrupt_at=2))
     with pytest.raises(KeyboardInterrupt):
         evaluate_tasks(None, WORDS, ["boolq", "piqa"], run=run, dataset_dir=data, output_dir=out, batch_size=2,
                        limit=6, progress=False)
