@@ -41,6 +41,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.batch_size < 2:
         parser.error("--batch_size must be at least 2 (batch 1 has no padding)")
+    if args.limit is not None and args.limit < 1:
+        parser.error("--limit must be positive")
 
     tokenizer = load_tokenizer(resolve_base_model(args.base_model))
     tasks = {}

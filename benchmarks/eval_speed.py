@@ -81,15 +81,16 @@ def run_generate(model, tokenizer, data, batch_size, settings, sort_by_length=Fa
 
 
 def run_loglik(model, tokenizer, data, batch_size, scorer=score_choices, template_prefix=False):
+    """Predictions {(task, index): pred} and elapsed seconds, in evaluate_task's batches (longest prompt first)."""
     preds = {}
     started = time.perf_counter()
     for task, rows in data.items():
         prefix = {"prefix": prompt_prefix(model, tokenizer, [r["instruction"] for r in rows])} if template_prefix else {}
-        for start in range(0, len(rows), batch_size):
-            batch = rows[start:start + batch_size]
-            all_scores = scorer(model, tokenizer, task, [r["instruction"] for r in batch], **prefix)
-            for offset, (row, scores) in enumerate(zip(batch, all_scores)):
-                preds[(task, start + offset)] = score_row_loglik(task, row, scores)
+        lengths = prompt_lengths(tokenizer, rows) if batch_size > 1 else [0] * len(rows)
+        for batch in make_batches(lengths, batch_size):
+            all_scores = scorer(model, tokenizer, task, [rows[i]["instruction"] for i in batch], **prefix)
+            for index, scores in zip(batch, all_scores):
+                preds[(task, index)] = score_row_loglik(task, rows[index], scores)
     return preds, time.perf_counter() - started
 
 
@@ -105,6 +106,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dataset_dir", default=str(REPO_ROOT / "dataset"))
     parser.add_argument("--out", default=str(DEFAULT_RESULTS_DIR / "eval_speed_cpu.json"))
     args = parser.parse_args(argv)
+    if args.limit < 1 or args.batch_size < 1:
+        parser.error("--limit and --batch_size must be positive")
 
     if args.threads:
         torch.set_num_threads(args.threads)
