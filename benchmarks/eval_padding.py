@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     print(f"{'task':<15} {'rows':>6} {'input order':>12} {'longest first':>14}")
     for task in resolve_task_names(args.tasks):
         rows = load_rows(dataset_file(args.dataset_dir, task), task=task)[:args.limit]
-        lengths = prompt_lengths(tokenizer, rows)
+        lengths = prompt_lengths(tokenizer, [row["instruction"] for row in rows])
         in_order = [list(range(s, min(s + args.batch_size, len(rows)))) for s in range(0, len(rows), args.batch_size)]
         tasks[task] = {"rows": len(rows), "mean_prompt_tokens": sum(lengths) / len(lengths),
                        "padded_share_input_order": padded_share(in_order, lengths),

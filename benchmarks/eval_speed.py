@@ -51,10 +51,11 @@ import torch  # noqa: E402
 
 from commonsense.data import load_rows  # noqa: E402
 from commonsense.eval_model import load_model_for_eval  # noqa: E402
-from commonsense.evaluation import dataset_file, make_batches, prompt_lengths, resolve_task_names  # noqa: E402
+from commonsense.evaluation import dataset_file, prompt_batches, resolve_task_names  # noqa: E402
 from commonsense.generation import GenerationSettings, generate_responses, score_row  # noqa: E402
 from commonsense.loglik import prompt_prefix, score_choices, score_row_loglik  # noqa: E402
 from commonsense.machine import machine_info  # noqa: E402
+from commonsense.prompts import evaluation_prompt_ids  # noqa: E402
 from harness import DEFAULT_RESULTS_DIR, write_result  # noqa: E402
 from loglik_reference import score_choices_per_choice  # noqa: E402
 
@@ -69,7 +70,7 @@ def run_generate(model, tokenizer, data, batch_size, settings, sort_by_length=Fa
     started = time.perf_counter()
     for task, rows in data.items():
         if sort_by_length:
-            batches = make_batches(prompt_lengths(tokenizer, rows), batch_size)
+            batches = prompt_batches(tokenizer, [row["instruction"] for row in rows], batch_size)
         else:
             batches = [list(range(start, min(start + batch_size, len(rows)))) for start in range(0, len(rows), batch_size)]
         for batch in batches:
@@ -85,10 +86,11 @@ def run_loglik(model, tokenizer, data, batch_size, scorer=score_choices, templat
     preds = {}
     started = time.perf_counter()
     for task, rows in data.items():
-        prefix = {"prefix": prompt_prefix(model, tokenizer, [r["instruction"] for r in rows])} if template_prefix else {}
-        lengths = prompt_lengths(tokenizer, rows) if batch_size > 1 else [0] * len(rows)
-        for batch in make_batches(lengths, batch_size):
-            all_scores = scorer(model, tokenizer, task, [rows[i]["instruction"] for i in batch], **prefix)
+        instructions = [row["instruction"] for row in rows]
+        prompt_ids = evaluation_prompt_ids(tokenizer, instructions)  # once, as evaluate_task does
+        prefix = {"prefix": prompt_prefix(model, tokenizer, instructions, prompt_ids)} if template_prefix else {}
+        for batch in prompt_batches(tokenizer, instructions, batch_size, prompt_ids):
+            all_scores = scorer(model, tokenizer, task, [instructions[i] for i in batch], **prefix)
             for index, scores in zip(batch, all_scores):
                 preds[(task, index)] = score_row_loglik(task, rows[index], scores)
     return preds, time.perf_counter() - started

@@ -23,7 +23,7 @@ from commonsense.eval_model import EvaluationError
 from commonsense.generation import GenerationSettings, generate_responses, score_row
 from commonsense.io import atomic_write_json, child_path, kill_point, tee_stdout
 from commonsense.loglik import prompt_prefix, score_choices, score_row_loglik
-from commonsense.prompts import evaluation_prompt
+from commonsense.prompts import evaluation_prompt_ids
 from commonsense.tasks import TASK_NAMES, get_task
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -114,9 +114,11 @@ def resume_header(task_name: str, mode: str, run: "RunInfo", settings: Generatio
     return fingerprint(task_name, mode, run, settings.to_dict() if mode == MODE else None)
 
 
-def prompt_lengths(tokenizer, rows) -> list:
-    """The token count of each row's evaluation prompt."""
-    return [len(ids) for ids in tokenizer([evaluation_prompt(row["instruction"]) for row in rows])["input_ids"]]
+def prompt_lengths(tokenizer, instructions, prompt_ids: dict = None) -> list:
+    """The token count of each instruction's evaluation prompt (`prompt_ids`: its ids, if the caller has them)."""
+    if prompt_ids is None:
+        prompt_ids = evaluation_prompt_ids(tokenizer, instructions)
+    return [len(prompt_ids[instruction]) for instruction in instructions]
 
 
 def make_batches(lengths: list, batch_size: int) -> list:
@@ -133,6 +135,15 @@ def make_batches(lengths: list, batch_size: int) -> list:
     if batch_size > 1:
         order.sort(key=lambda i: -lengths[i])  # stable: ties keep input order
     return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def prompt_batches(tokenizer, instructions, batch_size: int, prompt_ids: dict = None) -> list:
+    """:func:`make_batches` of these instructions by their prompts' lengths (`prompt_ids`: their
+    ids, if the caller has them). Batch 1 keeps the input order, so it needs no lengths (nor a
+    pass of the tokenizer)."""
+    if batch_size == 1:
+        return make_batches([0] * len(instructions), batch_size)
+    return make_batches(prompt_lengths(tokenizer, instructions, prompt_ids), batch_size)
 
 
 def evaluate_task(
@@ -189,13 +200,15 @@ def evaluate_task(
 
     started = time.perf_counter()
     todo_rows = [i for i in range(len(rows)) if i not in finished]
+    todo_instructions = [rows[i]["instruction"] for i in todo_rows]
+    # Each prompt is tokenized once, for the batches' lengths and loglik's template prefix.
+    prompt_ids = evaluation_prompt_ids(tokenizer, todo_instructions) if batch_size > 1 or mode == LOGLIK else None
     # The template tokens the rows still to score begin with: their KV cache, computed once for this run.
-    prefix = prompt_prefix(model, tokenizer, [rows[i]["instruction"] for i in todo_rows]) if mode == LOGLIK else None
+    prefix = prompt_prefix(model, tokenizer, todo_instructions, prompt_ids) if mode == LOGLIK else None
     # Batches of the rows still to score only: a log from another batch size (or batch 1's input
-    # order) leaves its rows scattered over batches formed over all rows. Batch 1 keeps the input
-    # order, so it needs no lengths (nor a pass of the tokenizer).
-    lengths = prompt_lengths(tokenizer, [rows[i] for i in todo_rows]) if batch_size > 1 else [0] * len(todo_rows)
-    batches = [[todo_rows[k] for k in batch] for batch in make_batches(lengths, batch_size)]
+    # order) leaves its rows scattered over batches formed over all rows.
+    todo_batches = prompt_batches(tokenizer, todo_instructions, batch_size, prompt_ids)
+    batches = [[todo_rows[k] for k in batch] for batch in todo_batches]
     # Numbered after the batches the resumed rows fill: a rerun at the same batch size runs the
     # interrupted run's remaining batches, with their numbers.
     batches_done = -(-len(finished) // batch_size)

@@ -12,13 +12,12 @@ computes, once, the KV cache of the template tokens that all its prompts begin w
 import copy
 import dataclasses
 import inspect
-from array import array
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from commonsense.eval_model import EvaluationError, model_device
-from commonsense.prompts import evaluation_prompt
+from commonsense.prompts import evaluation_prompt, evaluation_prompt_ids
 from commonsense.tasks import answer_options, get_task
 
 
@@ -134,8 +133,11 @@ class PromptPrefix:
                                             for keys, values in self.layers])
 
 
-def prompt_prefix(model, tokenizer, instructions):
+def prompt_prefix(model, tokenizer, instructions, prompt_ids: dict = None):
     """The :class:`PromptPrefix` of these instructions' evaluation prompts, or None.
+
+    ``prompt_ids``: the prompts' :func:`~commonsense.prompts.evaluation_prompt_ids` when the
+    caller already has them.
 
     The prefix is their prompts' longest common token prefix, cut to leave each prompt two
     tokens of its own (a prompt's shared part, :func:`choice_sequences`, ends a token or more
@@ -146,9 +148,8 @@ def prompt_prefix(model, tokenizer, instructions):
     """
     if not instructions or not {"position_ids", "cache"} <= _forward_parameters(model):
         return None
-    # array: a run's prompts kept as Python ints would take several times the memory.
-    prompt_ids = {instruction: array("l", tokenizer(evaluation_prompt(instruction))["input_ids"])
-                  for instruction in dict.fromkeys(instructions)}
+    if prompt_ids is None:
+        prompt_ids = evaluation_prompt_ids(tokenizer, instructions)
     first, *others = prompt_ids.values()
     length = min(len(ids) for ids in prompt_ids.values()) - 2
     for ids in others:

@@ -94,6 +94,19 @@ def evaluation_prompt(instruction: str, input: str = None) -> str:
     return EVAL_TEMPLATE_NO_INPUT.format(instruction=instruction)
 
 
+def evaluation_prompt_ids(tokenizer, instructions) -> dict:
+    """{instruction: its evaluation prompt's token ids}, each distinct instruction tokenized once.
+
+    The ids are kept as array("l"): a whole test set's prompts as Python ints would take
+    several times the memory.
+    """
+    from array import array
+
+    distinct = list(dict.fromkeys(instructions))
+    encoded = tokenizer([evaluation_prompt(instruction) for instruction in distinct])["input_ids"] if distinct else []
+    return {instruction: array("l", ids) for instruction, ids in zip(distinct, encoded)}
+
+
 def split_response(decoded_text: str) -> str:
     """The generated answer: text after the LAST "### Response:", stripped.
 

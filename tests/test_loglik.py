@@ -388,7 +388,7 @@ def test_loglik_resume_and_mode_in_fingerprint(tiny, tmp_path, monkeypatch):
     calls.clear()
     monkeypatch.setattr(evaluation, "score_choices", lambda *a, **k: calls.append(1) or real(*a, **k))
     prefix_for = []
-    monkeypatch.setattr(evaluation, "prompt_prefix", lambda m, t, instructions: prefix_for.append(instructions))
+    monkeypatch.setattr(evaluation, "prompt_prefix", lambda m, t, instructions, *ids: prefix_for.append(instructions))
     summary = evaluate_task(model, tokenizer, "boolq", rows, 2, out, mode="loglik", progress=False)
     assert len(calls) == 2 and summary["resumed_examples"] == 2
     assert prefix_for == [still_to_score]  # only the rows still to score
