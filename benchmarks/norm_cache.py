@@ -95,16 +95,11 @@ def before_forward(layer: DoraLinear, mode: str) -> None:
         layer._norm_cache = None  # the cached n only; ||W||^2 stays (see the module docstring)
 
 
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def timed(device: str, fn) -> float:
-    sync(device)
+    harness.synchronize(device)
     start = time.perf_counter()
     fn()
-    sync(device)
+    harness.synchronize(device)
     return (time.perf_counter() - start) * 1e3
 
 
