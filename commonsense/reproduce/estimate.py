@@ -58,12 +58,9 @@ def measure_timing(base_model: str, modes, micro_batch_size: int, eval_batch_siz
     """{"step_s", "<mode>_example_s", "device", "rank", "length"} measured on this machine's first device."""
     import torch
 
-    from commonsense.embedded_model import SMOLLM2_ALIAS, prepare_embedded_model
     from commonsense.models import configure_padding, load_base_model, load_tokenizer, pick_device
     from peft import DoraConfig, get_peft_model
 
-    if base_model == SMOLLM2_ALIAS:
-        prepare_embedded_model(SMOLLM2_ALIAS)
     device = pick_device()
     cuda = device == "cuda"
     model = load_base_model(base_model)

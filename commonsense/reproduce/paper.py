@@ -19,4 +19,3 @@ LLAMA7B_RANK_ROWS = [
 # The paper's Table 15 (the same sweep) where its average differs from the README's:
 # (method, r) -> (Table 15's average, the README's). Its per-task values are not carried here.
 TABLE15_AVERAGES = {("lora", 32): (74.7, 76.3), ("dora", 64): (72.1, 76.8)}
-PAPER_TEST_EXAMPLES = 22_419  # the eight full test sets

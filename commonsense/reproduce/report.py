@@ -157,7 +157,7 @@ def _grid_line(runs: list) -> str:
 
 def _setup_lines(collected: dict) -> list:
     settings, data, machine, runs = (collected[k] for k in ("settings", "data", "machine", "runs"))
-    grid = collected.get("grid") or {"modes": list(MODES)}
+    grid = collected["grid"]
     trained = [run for run in runs if "train" in run]
     steps = sorted({run["train"]["global_step"] for run in trained})
     warmups = sorted({run["train"]["warmup_steps"] for run in trained})
@@ -214,7 +214,7 @@ def _setup_lines(collected: dict) -> list:
 
 def render_markdown(collected: dict) -> str:
     settings, data, runs = collected["settings"], collected["data"], collected["runs"]
-    grid = collected.get("grid") or {"modes": list(MODES)}
+    grid = collected["grid"]
     model = model_label(settings["base_model"])
     budget = "the full mix" if settings["full"] else f"{data['rows']} rows"
     lines = [
