@@ -11,6 +11,7 @@ import math
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import uuid
@@ -493,6 +494,28 @@ def test_report_only_without_a_report(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["--report_only", "--report_dir", str(tmp_path)])
     assert "reproduction.json not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "is not JSON"),
+    ("[1, 2]", "does not hold a reproduction record"),
+    ('{"runs": []}', "lacks command, settings, data, machine, seed_total_steps, grid, settings.base_model"),
+])
+def test_report_only_on_a_file_it_cannot_render(tmp_path, capsys, content, message):
+    (tmp_path / "reproduction.json").write_text(content)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--report_only", "--report_dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and "Traceback" not in err
+
+
+def test_report_only_on_the_committed_pre_grid_record_is_one_line(tmp_path):
+    """experiment/reproduction.json predates the grid: refused with what it lacks, not a KeyError."""
+    shutil.copy(REPO_ROOT / "experiment" / "reproduction.json", tmp_path / "reproduction.json")
+    result = subprocess.run([sys.executable, "-m", "commonsense.reproduce", "--report_only", "--report_dir", str(tmp_path)],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert "lacks grid" in result.stderr and "rerun the comparison" in result.stderr
 
 
 def test_the_module_cli_exits_2_with_one_line():

@@ -277,8 +277,24 @@ def write_report(collected: dict, report_dir: Path) -> dict:
     return paths
 
 
+# What write_report reads from a collected JSON (collect() writes them all).
+REPORT_KEYS = ("command", "settings", "data", "machine", "seed_total_steps", "grid", "runs")
+
+
 def rebuild_report(report_dir: Path) -> dict:
     path = report_dir / REPORT_JSON
     if not path.exists():
         raise ReproductionError(f"--report_only: {path} not found; run the comparison first")
-    return write_report(json.loads(path.read_text(encoding="utf-8")), report_dir)
+    try:
+        collected = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ReproductionError(f"--report_only: {path} is not JSON ({error})") from None
+    if not isinstance(collected, dict):
+        raise ReproductionError(f"--report_only: {path} does not hold a reproduction record")
+    settings = collected.get("settings")
+    missing = [key for key in REPORT_KEYS if key not in collected] + [
+        f"settings.{name}" for name in Settings.__dataclass_fields__ if not isinstance(settings, dict) or name not in settings]
+    if missing:
+        raise ReproductionError(f"--report_only: {path} lacks {', '.join(missing)} (written by an older version or "
+                                "another tool); rerun the comparison to rebuild it")
+    return write_report(collected, report_dir)
