@@ -22,7 +22,7 @@ from commonsense.embedded_model import build_atomically
 from commonsense.eval_model import _import_peft_model, check_adapter_folder
 from commonsense.io import check_writable_dir, fsync_files
 from commonsense.model_folder import TOKENIZER_FILES, check_model_folder
-from commonsense.models import load_base_model, refuse_remote_code, resolve_base_model
+from commonsense.models import DTYPE_NAMES, load_base_model, refuse_remote_code, resolve_base_model
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 AUTO = "auto"  # the base model's own dtype (its config.json), fp32 when it names none
@@ -66,8 +66,7 @@ def output_dtype(requested, base_config) -> torch.dtype:
     if requested is not None:
         return requested
     saved = getattr(base_config, "dtype", None) or getattr(base_config, "torch_dtype", None)
-    saved = str(saved).replace("torch.", "")
-    return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(saved, torch.float32)
+    return DTYPE_NAMES.get(str(saved).replace("torch.", ""), torch.float32)
 
 
 def check_shard_size(max_shard_size):

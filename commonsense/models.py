@@ -224,7 +224,7 @@ def load_tokenizer(
 
 # --- model ------------------------------------------------------------------
 
-_DTYPE_NAMES = {
+DTYPE_NAMES = {
     "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
     "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
@@ -254,9 +254,9 @@ def pick_dtype(dtype: str | torch.dtype = "auto", device: str = "cpu") -> torch.
     precision matmuls there are slow or unsupported.
     """
     if isinstance(dtype, str) and dtype != "auto":
-        if dtype.lower() not in _DTYPE_NAMES:
+        if dtype.lower() not in DTYPE_NAMES:
             raise ModelLoadError(f"unknown dtype {dtype!r}: use auto, fp16, bf16 or fp32")
-        dtype = _DTYPE_NAMES[dtype.lower()]
+        dtype = DTYPE_NAMES[dtype.lower()]
     on_cuda = str(device).startswith("cuda")
     if not on_cuda:
         if dtype not in ("auto", torch.float32):
