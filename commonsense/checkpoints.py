@@ -13,6 +13,8 @@ from typing import Optional
 from .train_options import FinetuneError
 
 CHECKPOINT_COMPLETE = "checkpoint_complete.json"  # written last into checkpoint-N/
+# --resume_from_checkpoint values meaning "the newest complete checkpoint in output_dir".
+AUTO_RESUME = ("auto", True, "True", "true")
 
 
 def checkpoint_step(name: str) -> Optional[int]:
@@ -45,7 +47,7 @@ def adapter_warm_start(resume_from_checkpoint) -> Optional[str]:
     fresh optimizer and schedule. A ``checkpoint-N`` folder is always a checkpoint (see
     resolve_resume), even one cut off before its Trainer state was written.
     """
-    if not resume_from_checkpoint or resume_from_checkpoint in ("auto", True, "True", "true"):
+    if not resume_from_checkpoint or resume_from_checkpoint in AUTO_RESUME:
         return None
     folder = str(resume_from_checkpoint)
     if not os.path.isdir(folder) or checkpoint_step(os.path.basename(os.path.normpath(folder))) is not None:
@@ -67,7 +69,7 @@ def resolve_resume(resume_from_checkpoint, output_dir: str):
     """
     if not resume_from_checkpoint:
         return None
-    if resume_from_checkpoint in ("auto", True, "True", "true"):
+    if resume_from_checkpoint in AUTO_RESUME:
         return newest_complete_checkpoint(output_dir)
     if not os.path.isdir(resume_from_checkpoint):
         raise FinetuneError(f"resume_from_checkpoint: no checkpoint folder {resume_from_checkpoint}")
