@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM
 
 import merge_adapter
 from commonsense import merge as merge_lib
+from released_format import SEED_TARGETS, merged_reference, write_released_adapter
 from tiny_models import build_tiny_llama
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "peft" / "tests"))
@@ -152,6 +153,35 @@ def test_half_precision_output_is_saved_and_loads_in_that_dtype(base, tmp_path, 
     with torch.no_grad():
         assert (expected - AutoModelForCausalLM.from_pretrained(base)(input_ids=TOKENS).logits).abs().max() > 10 * atol
     torch.testing.assert_close(logits, expected, rtol=0, atol=atol)
+
+
+def test_a_released_format_adapter_is_merged_as_the_formula(base, tmp_path, capsys):
+    """The released adapters' format (adapter_model.bin, peft_type DORA, weight_m_wdecomp), built by hand:
+    every target becomes m * (W + s B A) / ||W + s B A|| (row norms, float64 here), every other weight stays W."""
+    config = json.loads((base / "config.json").read_text())
+    adapter = tmp_path / "dora_r4"
+    tensors = write_released_adapter(adapter, config, r=4, alpha=8, seed=int(torch.randint(0, 10_000, ()).item()))
+    out = tmp_path / "merged"
+    status, stdout, stderr = run_cli(capsys, "--base_model", base, "--lora_weights", adapter, "--output_dir", out,
+                                     "--dtype", "fp32")
+    assert (status, stderr) == (0, ""), stderr
+    assert stdout.startswith("merged the DORA adapter")
+    with safe_open(str(base / "model.safetensors"), "pt") as f:
+        base_weights = {k: f.get_tensor(k) for k in f.keys()}
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        merged = {k: f.get_tensor(k) for k in f.keys()}
+    assert merged.keys() == base_weights.keys()
+    changed = 0
+    for name, W in base_weights.items():
+        key = f"base_model.model.{name.removesuffix('.weight')}"
+        if f"{key}.lora_A.weight" not in tensors:
+            torch.testing.assert_close(merged[name], W, rtol=0, atol=0)
+            continue
+        expected = merged_reference(W, tensors, key, scaling=8 / 4)
+        torch.testing.assert_close(merged[name].double(), expected, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(merged[name], W, atol=1e-3)
+        changed += 1
+    assert changed == len(SEED_TARGETS) * config["num_hidden_layers"]
 
 
 def test_auto_dtype_keeps_the_bases_and_large_models_are_sharded(base, tmp_path, capsys):

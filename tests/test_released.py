@@ -20,47 +20,10 @@ import download_dora_weights
 from commonsense import released
 from commonsense.eval_model import load_model_for_eval
 
+from released_format import SEED_TARGETS, merged_reference, write_released_adapter
 from tiny_models import build_tiny_llama
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SEED_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-
-# --------------------------------------------------------------------------- a released-format folder
-
-def layer_shapes(config) -> dict:
-    """(out, in) of each LLaMA linear, from the model config alone."""
-    hidden, mlp = config["hidden_size"], config["intermediate_size"]
-    heads = config["num_attention_heads"]
-    kv = (config.get("num_key_value_heads") or heads) * (config.get("head_dim") or hidden // heads)
-    return {"q_proj": (hidden, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, hidden),
-            "gate_proj": (mlp, hidden), "up_proj": (mlp, hidden), "down_proj": (hidden, mlp)}
-
-
-def write_released_adapter(folder: Path, config: dict, r: int, alpha: int, seed: int, targets=SEED_TARGETS,
-                           base_model="yahma/llama-7b-hf") -> dict:
-    """adapter_config.json + fp32 adapter_model.bin exactly as the original fork saved them."""
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in range(config["num_hidden_layers"]):
-        for name, (out_f, in_f) in layer_shapes(config).items():
-            if name not in targets:
-                continue
-            key = f"base_model.model.model.layers.{layer}.{'self_attn' if name in ATTENTION else 'mlp'}.{name}"
-            tensors[f"{key}.lora_A.weight"] = torch.randn(r, in_f, generator=g) / in_f ** 0.5
-            tensors[f"{key}.lora_B.weight"] = torch.randn(out_f, r, generator=g) * 0.2
-            tensors[f"{key}.weight_m_wdecomp.weight"] = 1.0 + torch.rand(out_f, 1, generator=g)
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save(tensors, folder / "adapter_model.bin")
-    adapter_config = {  # the original DoraConfig's fields, as json.dumps(indent=2, sort_keys=True) wrote them
-        "Wdecompose_target_modules": None, "base_model_name_or_path": base_model, "bias": "none",
-        "dora_simple": True, "enable_lora": None, "fan_in_fan_out": False, "inference_mode": True,
-        "lora_alpha": alpha, "lora_dropout": 0.05, "merge_weights": False, "modules_to_save": None,
-        "peft_type": "DORA", "r": r, "target_modules": list(targets), "task_type": "CAUSAL_LM",
-    }
-    (folder / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
-    return tensors
 
 
 @pytest.fixture(scope="module")
@@ -358,8 +321,7 @@ def test_released_format_adapter_is_applied_exactly(released_tiny, tiny_dir, tin
         if f"{key}.lora_A.weight" not in tensors:
             continue
         W = module.weight.double()
-        V = W + scaling * tensors[f"{key}.lora_B.weight"].double() @ tensors[f"{key}.lora_A.weight"].double()
-        expected = tensors[f"{key}.weight_m_wdecomp.weight"].double() * V / V.norm(dim=1, keepdim=True)
+        expected = merged_reference(W, tensors, key, scaling)
         merged = model.get_submodule(name).weight.double()
         torch.testing.assert_close(merged, expected, atol=1e-5, rtol=1e-5)
         assert not torch.allclose(merged, W, atol=1e-3)
