@@ -88,7 +88,8 @@ def run_loglik(model, tokenizer, data, batch_size, scorer=score_choices, templat
     for task, rows in data.items():
         instructions = [row["instruction"] for row in rows]
         prompt_ids = evaluation_prompt_ids(tokenizer, instructions)  # once, as evaluate_task does
-        prefix = {"prefix": prompt_prefix(model, tokenizer, instructions, prompt_ids)} if template_prefix else {}
+        prefix = ({"prefix": prompt_prefix(model, tokenizer, instructions, prompt_ids), "prompt_ids": prompt_ids}
+                  if template_prefix else {})
         for batch in prompt_batches(tokenizer, instructions, batch_size, prompt_ids):
             all_scores = scorer(model, tokenizer, task, [instructions[i] for i in batch], **prefix)
             for index, scores in zip(batch, all_scores):

@@ -218,7 +218,7 @@ def evaluate_task(
     try:
         for batch_number, todo in enumerate(batches, start=batches_done + 1):
             scored_batch = dict(zip(todo, score_batch(model, tokenizer, task.name, [rows[i] for i in todo],
-                                                      mode, settings, prefix)))
+                                                      mode, settings, prefix, prompt_ids)))
             for index, scored in scored_batch.items():
                 finished[index] = scored
                 correct += scored["flag"]
@@ -278,14 +278,15 @@ def speed_note(summary: dict) -> str:
 
 
 def score_batch(model, tokenizer, task_name: str, rows: list, mode: str, settings: GenerationSettings,
-                prefix=None) -> list:
+                prefix=None, prompt_ids: dict = None) -> list:
     """Each row copied with output_pred, pred and flag (and, in loglik mode, the per-label scores).
 
-    `prefix`: the run's :func:`loglik.prompt_prefix` (loglik mode), or None.
+    Loglik mode only: `prefix`, the run's :func:`loglik.prompt_prefix` or None; `prompt_ids`, the
+    run's :func:`prompts.evaluation_prompt_ids`, so no prompt is tokenized again.
     """
     instructions = [row["instruction"] for row in rows]
     if mode == LOGLIK:
-        scores = score_choices(model, tokenizer, task_name, instructions, prefix=prefix)
+        scores = score_choices(model, tokenizer, task_name, instructions, prefix=prefix, prompt_ids=prompt_ids)
         return [score_row_loglik(task_name, row, row_scores) for row, row_scores in zip(rows, scores)]
     responses = generate_responses(model, tokenizer, instructions, settings)
     return [score_row(task_name, row, response) for row, response in zip(rows, responses)]

@@ -121,7 +121,6 @@ class PromptPrefix:
 
     ids: tuple
     layers: tuple  # per decoder layer (keys, values) at batch 1; read, never written
-    prompt_ids: dict  # instruction -> its prompt's token ids, tokenized once for the prefix
 
     def cache(self, batch_size: int) -> DynamicCache:
         """A new cache holding the prefix for each of `batch_size` rows.
@@ -164,10 +163,11 @@ def prompt_prefix(model, tokenizer, instructions, prompt_ids: dict = None):
                       position_ids=torch.arange(length, device=device)[None], use_cache=True, **keep_one).cache
     if not isinstance(cache, DynamicCache) or any(type(layer) is not DynamicLayer for layer in cache.layers):
         return None
-    return PromptPrefix(ids, tuple((layer.keys, layer.values) for layer in cache.layers), prompt_ids)
+    return PromptPrefix(ids, tuple((layer.keys, layer.values) for layer in cache.layers))
 
 
-def score_choices(model, tokenizer, task_name: str, instructions, prefix: PromptPrefix = None) -> list:
+def score_choices(model, tokenizer, task_name: str, instructions, prefix: PromptPrefix = None,
+                  prompt_ids: dict = None) -> list:
     """Log-likelihood of each valid answer continuation, for a batch of instructions.
 
     Returns, per instruction, ``{label: {"sum": float, "mean": float, "tokens": int}}``
@@ -180,10 +180,11 @@ def score_choices(model, tokenizer, task_name: str, instructions, prefix: Prompt
     Each instruction's prompt runs once, not once per choice (:func:`_score_group`), and
     with a `prefix` (:func:`prompt_prefix`) only its tokens after the prefix run. The scores
     equal a separate unpadded forward of each whole sequence up to float rounding, whatever
-    the batch, its grouping and the prefix.
+    the batch, its grouping and the prefix. ``prompt_ids``: the prompts'
+    :func:`~commonsense.prompts.evaluation_prompt_ids` when the caller already has them.
     """
     task = get_task(task_name)
-    known = prefix.prompt_ids if prefix is not None else {}
+    known = prompt_ids or {}
     examples = [choice_sequences(tokenizer, task, instruction, known.get(instruction)) for instruction in instructions]
     if prefix is not None and not all(len(shared) > len(prefix.ids) and tuple(shared[:len(prefix.ids)]) == prefix.ids
                                       for shared, _ in examples):

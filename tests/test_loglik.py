@@ -341,12 +341,14 @@ def test_loglik_task_writes_files_and_prediction_is_argmax(tiny, tmp_path):
 def test_loglik_task_scores_with_one_template_prefix(tiny, tmp_path, monkeypatch):
     _, model, tokenizer = tiny
     rows = rows_for("piqa", PIQA, ["solution1", "solution2", "solution1", "solution2"])
-    real, prefixes = evaluation.score_choices, []
-    monkeypatch.setattr(evaluation, "score_choices",
-                        lambda *args, prefix=None: prefixes.append(prefix) or real(*args, prefix=prefix))
+    real, prefixes, known = evaluation.score_choices, [], []
+    monkeypatch.setattr(evaluation, "score_choices", lambda *args, prefix=None, prompt_ids=None: (
+        prefixes.append(prefix), known.append(prompt_ids), real(*args, prefix=prefix, prompt_ids=prompt_ids))[-1])
     out = tmp_path / "piqa-loglik.json"
     evaluate_task(model, tokenizer, "piqa", rows, 3, out, mode="loglik", progress=False)
     assert len(prefixes) == 2 and isinstance(prefixes[0], PromptPrefix) and prefixes[1] is prefixes[0]
+    # The run's one tokenization of each prompt reaches every batch (choice_sequences does not redo it).
+    assert all(ids is known[0] and set(ids) == set(PIQA) for ids in known)
     expected = score_choices_per_choice(model, tokenizer, "piqa", PIQA)
     for result, reference in zip(json.loads(out.read_text()), expected):
         assert all(abs(result["scores"][label] - value["sum"]) < 1e-4 for label, value in reference.items())
