@@ -19,7 +19,8 @@ sys.path.insert(0, str(REPO_ROOT / "peft" / "src"))
 sys.path.insert(1, str(REPO_ROOT))
 
 from commonsense.data import load_rows  # noqa: E402
-from commonsense.evaluation import dataset_file, make_batches, prompt_lengths, resolve_task_names  # noqa: E402
+from commonsense.evaluation import (  # noqa: E402
+    dataset_file, input_order_batches, make_batches, prompt_lengths, resolve_task_names)
 from commonsense.models import load_tokenizer, resolve_base_model  # noqa: E402
 from harness import DEFAULT_RESULTS_DIR, write_result  # noqa: E402
 
@@ -50,7 +51,7 @@ def main(argv=None) -> int:
     for task in resolve_task_names(args.tasks):
         rows = load_rows(dataset_file(args.dataset_dir, task), task=task)[:args.limit]
         lengths = prompt_lengths(tokenizer, [row["instruction"] for row in rows])
-        in_order = [list(range(s, min(s + args.batch_size, len(rows)))) for s in range(0, len(rows), args.batch_size)]
+        in_order = input_order_batches(len(rows), args.batch_size)
         tasks[task] = {"rows": len(rows), "mean_prompt_tokens": sum(lengths) / len(lengths),
                        "padded_share_input_order": padded_share(in_order, lengths),
                        "padded_share_longest_first": padded_share(make_batches(lengths, args.batch_size), lengths)}

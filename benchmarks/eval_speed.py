@@ -51,7 +51,7 @@ import torch  # noqa: E402
 
 from commonsense.data import load_rows  # noqa: E402
 from commonsense.eval_model import load_model_for_eval  # noqa: E402
-from commonsense.evaluation import dataset_file, prompt_batches, resolve_task_names  # noqa: E402
+from commonsense.evaluation import dataset_file, input_order_batches, prompt_batches, resolve_task_names  # noqa: E402
 from commonsense.generation import GenerationSettings, generate_responses, score_row  # noqa: E402
 from commonsense.loglik import prompt_prefix, score_choices, score_row_loglik  # noqa: E402
 from commonsense.machine import machine_info  # noqa: E402
@@ -72,7 +72,7 @@ def run_generate(model, tokenizer, data, batch_size, settings, sort_by_length=Fa
         if sort_by_length:
             batches = prompt_batches(tokenizer, [row["instruction"] for row in rows], batch_size)
         else:
-            batches = [list(range(start, min(start + batch_size, len(rows)))) for start in range(0, len(rows), batch_size)]
+            batches = input_order_batches(len(rows), batch_size)
         for batch in batches:
             responses = generate_responses(model, tokenizer, [rows[i]["instruction"] for i in batch], settings,
                                            cache_implementation)

@@ -121,10 +121,15 @@ def prompt_lengths(tokenizer, instructions, prompt_ids: dict = None) -> list:
     return [len(prompt_ids[instruction]) for instruction in instructions]
 
 
+def input_order_batches(n_rows: int, batch_size: int) -> list:
+    """Index lists [0..bs), [bs..2bs), ... in input order: the original's create_batch."""
+    return [list(range(start, min(start + batch_size, n_rows))) for start in range(0, n_rows, batch_size)]
+
+
 def make_batches(lengths: list, batch_size: int) -> list:
     """Index lists of at most `batch_size` rows, given each row's prompt length in tokens.
 
-    Batch 1 keeps the input order (the original's create_batch). Larger batches take the rows
+    Batch 1 keeps the input order (:func:`input_order_batches`). Larger batches take the rows
     longest prompt first, so each batch pads little (at batch 8, the padded share of the prompt
     tokens falls from 0.43 to 0.009 on PIQA, from 0.25 to 0.004 on ARC-Challenge) and the
     largest batch runs first, where running out of memory shows at once. Results are exact
@@ -142,7 +147,7 @@ def prompt_batches(tokenizer, instructions, batch_size: int, prompt_ids: dict = 
     ids, if the caller has them). Batch 1 keeps the input order, so it needs no lengths (nor a
     pass of the tokenizer)."""
     if batch_size == 1:
-        return make_batches([0] * len(instructions), batch_size)
+        return input_order_batches(len(instructions), 1)
     return make_batches(prompt_lengths(tokenizer, instructions, prompt_ids), batch_size)
 
 

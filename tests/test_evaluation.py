@@ -103,6 +103,7 @@ def test_batches_above_one_take_the_longest_prompts_first():
     assert evaluation.make_batches([5, 9, 1, 9, 4, 7], 3) == [[1, 3, 5], [0, 4, 2]]  # ties keep input order
     assert evaluation.make_batches([2, 1, 3], 8) == [[2, 0, 1]]
     assert evaluation.make_batches([], 4) == []
+    assert evaluation.input_order_batches(7, 3) == [[0, 1, 2], [3, 4, 5], [6]] and evaluation.input_order_batches(0, 2) == []
 
 
 @pytest.mark.parametrize("mode", ["generate", "loglik"])
