@@ -12,6 +12,8 @@ exact reproduction, so both are kept verbatim:
 The literals below are written with explicit "\n" escapes so that every trailing
 space is visible and cannot be lost by an editor.
 """
+from array import array
+
 
 _INDENT = " " * 16  # the originals are f-strings whose continuation lines sit 16 columns in
 
@@ -100,8 +102,6 @@ def evaluation_prompt_ids(tokenizer, instructions) -> dict:
     The ids are kept as array("l"): a whole test set's prompts as Python ints would take
     several times the memory.
     """
-    from array import array
-
     distinct = list(dict.fromkeys(instructions))
     encoded = tokenizer([evaluation_prompt(instruction) for instruction in distinct])["input_ids"] if distinct else []
     return {instruction: array("l", ids) for instruction, ids in zip(distinct, encoded)}
